@@ -1,0 +1,97 @@
+"""eval.py: bootstrap figures, scoring per prompt style, results aggregation, the compare table, end to end."""
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+
+import eval as ev
+
+OPTIONS = {"A": "Artificial tears", "B": "Ketotifen eye drops", "C": "Oral prednisone", "D": "Topical erythromycin"}
+RECORD = {"id": "q1", "question": "?", "options": OPTIONS, "answer": "B", "source": "test", "meta": {}}
+
+
+def test_bootstrap_std_equals_explicit_loop():
+    correct = np.random.default_rng(1).random(301) < 0.4  # [n] a fake 0/1 correctness vector
+    rng = np.random.default_rng(7)
+    idx = rng.integers(0, len(correct), size=(1000, len(correct)))
+    direct = np.std([correct[idx[b]].mean() for b in range(1000)])  # one resample at a time
+    assert ev.bootstrap_std(correct, 1000, seed=7) == pytest.approx(direct, abs=1e-15)
+    assert ev.bootstrap_std(correct, 1000, seed=7) == ev.bootstrap_std(list(correct), 1000, seed=7)  # seeded
+
+
+def test_bootstrap_std_close_to_binomial():
+    n, p = 818, 0.4
+    correct = np.arange(n) < round(p * n)
+    expected = math.sqrt(p * (1 - p) / n)  # the std of a mean of n Bernoulli(p): ~1.7 points, the study's bars
+    assert ev.bootstrap_std(correct) == pytest.approx(expected, rel=0.1)
+    assert ev.bootstrap_std([1] * 50) == 0.0 and ev.bootstrap_std([]) == 0.0
+
+
+def test_score_r1_uses_prefill_and_verifier():
+    s = ev.score("Allergic conjunctivitis.</think><answer>B</answer>", RECORD, "r1_chat")  # "<think>" was in the prompt
+    assert (s["format_ok"], s["pred"], s["correct"], s["reward"]) == (True, "B", True, 1.0)
+    s = ev.score("The answer is B.", RECORD, "r1")
+    assert s["format_ok"] is False and s["reward"] == -1.0 and not s["correct"]
+
+
+def test_score_direct_and_cot_read_the_letter():
+    s = ev.score("B", RECORD, "direct")
+    assert (s["format_ok"], s["pred"], s["correct"], s["reward"]) == (True, "B", True, 1.0)
+    s = ev.score("I am not sure.", RECORD, "direct")
+    assert (s["format_ok"], s["pred"], s["reward"]) == (False, None, 0.0)  # format rate = a letter was found
+    s = ev.score("Option A is tempting, but itching means allergy. The answer is B.", RECORD, "cot")
+    assert (s["pred"], s["correct"]) == ("B", True)
+
+
+def fake_preds(flags, meta=None):
+    return [{"correct": c, "format_ok": f, "pred": p, "reward": float(c), "response": "x" * 10,
+             "meta": (meta or {})} for c, f, p in flags]
+
+
+def test_metrics_and_breakdowns():
+    preds = fake_preds([(True, True, "A"), (False, True, "C"), (False, False, None), (True, True, "B")])
+    for p, step in zip(preds, ["step1", "step1", "step2&3", "step2&3"]):
+        p["meta"] = {"step": step}
+    m = ev.metrics(preds)
+    assert (m["n"], m["accuracy"], m["format_rate"], m["no_letter_rate"]) == (4, 0.5, 0.75, 0.25)
+    b = ev.breakdowns(preds)
+    assert set(b) == {"by_step"} and b["by_step"]["step1"]["accuracy"] == 0.5 and b["by_step"]["step2&3"]["n"] == 2
+
+
+def write_run(path, prompt, sets):
+    path.mkdir()
+    results = {"config": {"prompt": prompt}, "sets": {k: {"n": 100, "accuracy": a, "accuracy_std": s}
+                                                      for k, (a, s) in sets.items()}}
+    (path / "results.json").write_text(json.dumps(results))
+
+
+def test_compare_table(tmp_path, capsys):
+    write_run(tmp_path / "base", "direct", {"medqa_test": (0.235, 0.012), "mmlu_pro_health": (0.251, 0.015)})
+    write_run(tmp_path / "ppo", "r1", {"medqa_test": (0.492, 0.014)})
+    ev.main(["--compare", str(tmp_path / "base"), str(tmp_path / "ppo")])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "| run | medqa_test | mmlu_pro_health |"
+    assert lines[2] == "| base (direct) | 23.5 ± 1.2 | 25.1 ± 1.5 |"
+    assert lines[3] == "| ppo (r1) | 49.2 ± 1.4 | - |"
+
+
+@pytest.mark.slow
+def test_eval_end_to_end_tiny_model(tmp_path):
+    """results.json agrees with predictions.jsonl, on a random tiny model and 8 real MedQA questions."""
+    out = tmp_path / "run"
+    t0 = time.time()
+    ev.main(["--model", "tiny-qwen2", "--data", "medqa_test", "--prompt", "r1", "--limit", "8", "--out", str(out),
+             "--max_new_tokens", "16", "--batch_size", "3", "--device", "cpu"])
+    assert time.time() - t0 < 60
+    results = json.loads((out / "results.json").read_text())
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    m = results["sets"]["medqa_test"]
+    assert m["n"] == len(preds) == 8
+    assert m["accuracy"] == pytest.approx(np.mean([p["correct"] for p in preds]))
+    assert m["mean_reward"] == pytest.approx(np.mean([p["reward"] for p in preds]))
+    assert m["format_rate"] == pytest.approx(np.mean([p["format_ok"] for p in preds]))
+    from data import load_dataset
+    assert [p["id"] for p in preds] == [r["id"] for r in load_dataset("medqa_test")[:8]]  # order restored
+    assert set(m["by_step"]) <= {"step1", "step2&3"} and sum(g["n"] for g in m["by_step"].values()) == 8
