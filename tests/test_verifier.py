@@ -1,0 +1,294 @@
+"""verifier.py case by case: every format rule, every answer form, the traps, the flags, and its speed."""
+import ast
+import random
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from verifier import compute_score, extract_letter, verify
+
+OPTS = {"A": "Fluorometholone eye drops", "B": "Ketotifen eye drops",
+        "C": "Latanoprost eye drops", "D": "Warm compresses"}
+TEN = {k: f"option {k}" for k in "ABCDEFGHIJ"}  # an MMLU-Pro sized question
+
+
+def r(answer, think=" thinking ", prefix=""):
+    """A well-formed response around `answer`."""
+    return f"{prefix}<think>{think}</think><answer>{answer}</answer>"
+
+
+# (id, response, gold, options, kwargs, the exact reward)
+CASES = [
+    # --- format: what holds
+    ("ok", r("B"), "B", None, {}, 1.0),
+    ("ok wrong letter", r("B"), "C", None, {}, 0.0),
+    ("gold lower case", r("B"), "b", None, {}, 1.0),
+    ("whitespace between and after", "<think>x</think> \n\t<answer>B</answer>\n \n", "B", None, {}, 1.0),
+    ("empty think", "<think></think><answer>B</answer>", "B", None, {}, 1.0),
+    ("empty answer: no letter", "<think>x</think><answer></answer>", "B", None, {}, 0.0),
+    ("text before think allowed", r("B", prefix="Step 1: reasoning goes here. "), "B", None, {}, 1.0),
+    ("text before think, strict", r("B", prefix="Step 1: reasoning goes here. "), "B", None,
+     {"strict": True}, -1.0),
+    ("whitespace before think, strict", r("B", prefix=" \n "), "B", None, {"strict": True}, 1.0),
+    # --- format: what breaks it
+    ("no tags at all", "B", "B", None, {}, -1.0),
+    ("empty response", "", "B", None, {}, -1.0),
+    ("missing <think>", "x</think><answer>B</answer>", "B", None, {}, -1.0),
+    ("missing </think>", "<think>x<answer>B</answer>", "B", None, {}, -1.0),
+    ("missing <answer>", "<think>x</think>B</answer>", "B", None, {}, -1.0),
+    ("missing </answer>", "<think>x</think><answer>B", "B", None, {}, -1.0),
+    ("two <think>", "<think><think>x</think><answer>B</answer>", "B", None, {}, -1.0),
+    ("two </answer>", r("B") + "</answer>", "B", None, {}, -1.0),
+    ("two full blocks", r("B") + r("B"), "B", None, {}, -1.0),
+    ("nested think", "<think>a<think>b</think>c</think><answer>B</answer>", "B", None, {}, -1.0),
+    ("answer before think", "<answer>B</answer><think>x</think>", "B", None, {}, -1.0),
+    ("close before open", "</think>x<think><answer>B</answer>", "B", None, {}, -1.0),
+    ("answer inside think", "<think>x<answer>B</answer></think>", "B", None, {}, -1.0),
+    ("text between", "<think>x</think> so <answer>B</answer>", "B", None, {}, -1.0),
+    ("text after", r("B") + " done", "B", None, {}, -1.0),
+    ("EOS token left after", r("B") + "<|endoftext|>", "B", None, {}, -1.0),
+    ("capitalised tag", "<Think>x</Think><answer>B</answer>", "B", None, {}, -1.0),
+    ("upper-case tags", "<THINK>x</THINK><ANSWER>B</ANSWER>", "B", None, {}, -1.0),
+    ("tag split by space", "< think>x</think><answer>B</answer>", "B", None, {}, -1.0),
+    ("tag with trailing space", "<think >x</think><answer>B</answer>", "B", None, {}, -1.0),
+    ("non-string None", None, "B", None, {}, -1.0),
+    ("non-string int", 12, "B", None, {}, -1.0),
+    ("non-string bytes", r("B").encode(), "B", None, {}, -1.0),
+    # --- every accepted answer form (gold B)
+    *[(f"form {a!r}", r(a), "B", OPTS, {}, 1.0) for a in [
+        "B", "B.", "(B)", "B)", "[B]", " B \n", "B: Ketotifen eye drops", "B. Ketotifen eye drops",
+        "B) Ketotifen", "(B) Ketotifen eye drops", "**B**", "**B. Ketotifen eye drops**", "Option B",
+        "option B", "The answer is B", "The answer is B.", "The correct answer is (B).", "Answer: B",
+        "Answer: **B**", "The best choice is B", "\\boxed{B}", "B is correct",
+        "The answer is (B) Ketotifen, not vitamin A", "B. Vitamin A.", "I think the answer is B",
+        "Ketotifen eye drops", "ketotifen  EYE drops.", "The patient needs B"]],
+    ("option text needs options", r("Ketotifen eye drops"), "B", None, {}, 0.0),
+    ("option text must be exact", r("Ketotifen"), "B", OPTS, {}, 0.0),
+    # --- several letters, letters outside the options, no letter: wrong, never a format failure
+    *[(f"hedge {a!r}", r(a), "B", OPTS, {}, 0.0) for a in [
+        "B or C", "B and C", "B, C", "B/C", "A, B, C, D", "ABCD", "AB", "A B", "(B) or (C)",
+        "Option B or option C", "Both A and B", "A. Fluorometholone\nB. Ketotifen", "b or c"]],
+    ("letter outside the options", r("E"), "B", OPTS, {}, 0.0),
+    ("E is fine without options", r("E"), "E", None, {}, 1.0),
+    ("J is the last default letter", r("J"), "J", None, {}, 1.0),
+    ("K is never a default letter", r("K"), "K", None, {}, 0.0),
+    ("no letter: prose", r("I am not sure"), "B", OPTS, {}, 0.0),
+    ("no letter: placeholder", r(" answer here "), "B", OPTS, {}, 0.0),
+    ("no letter: abbreviation", r("ACE inhibitors"), "A", None, {}, 0.0),
+    ("no letter: B12 is not a token", r("vitamin B12"), "B", None, {}, 0.0),
+    ("no letter: I.V. is not a token", r("I.V. fluids"), "I", TEN, {}, 0.0),
+    # --- lower case: a lone letter or a leading label counts, letters in prose do not
+    ("lower lone", r("b"), "B", OPTS, {}, 1.0),
+    ("lower wrapped", r("(b)"), "B", OPTS, {}, 1.0),
+    ("lower with period", r("b."), "B", OPTS, {}, 1.0),
+    ("lower leading label", r("b. ketotifen eye drops"), "B", OPTS, {}, 1.0),
+    ("lower in prose", r("the answer is b"), "B", OPTS, {}, 0.0),
+    ("lower after option", r("option b"), "B", OPTS, {}, 0.0),
+    # --- the article / pronoun trap
+    ("article A", r("A 45-year-old man with itchy eyes"), "A", OPTS, {}, 0.0),
+    ("lower article a", r("a patient with allergy"), "A", OPTS, {}, 0.0),
+    ("article then letter", r("A patient like this needs option C"), "C", OPTS, {}, 1.0),
+    ("article is not a hedge", r("A patient like this needs C"), "C", OPTS, {}, 1.0),
+    ("pronoun I", r("I think it is D"), "D", TEN, {}, 1.0),
+    ("pronoun I is not a letter", r("I think so"), "I", TEN, {}, 0.0),
+    ("lone I is a letter", r("I"), "I", TEN, {}, 1.0),
+    ("lone A is a letter", r("A"), "A", OPTS, {}, 1.0),
+    ("Group A strep", r("Group A streptococcus"), "A", None, {}, 0.0),
+    # --- reward values are parameters (the study's ablation penalises wrong answers)
+    ("ablation: wrong", r("C"), "B", None, {"wrong_reward": -1.0}, -1.0),
+    ("ablation: correct", r("B"), "B", None, {"wrong_reward": -1.0}, 1.0),
+    ("custom format", "nope", "B", None, {"format_reward": -2.0}, -2.0),
+    ("custom correct", r("B"), "B", None, {"correct_reward": 2.0}, 2.0),
+    ("custom wrong", r("B or C"), "B", None, {"wrong_reward": -0.5}, -0.5),
+]
+
+
+@pytest.mark.parametrize("response,gold,options,kwargs,reward", [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_reward_table(response, gold, options, kwargs, reward):
+    out = verify(response, gold, options, **kwargs)
+    assert out["reward"] == reward, out
+    assert compute_score(response, gold, options, **kwargs) == reward
+    assert out["format_ok"] == (out["reason"] == "")
+    if "wrong_reward" not in kwargs:  # with the ablation's -1 for wrong, -1 no longer means "format"
+        assert out["format_ok"] == (reward != kwargs.get("format_reward", -1.0))
+
+
+@pytest.mark.parametrize("response,reason", [
+    (r("B"), ""),
+    (r("B", prefix="long reasoning before the think tag"), ""),
+    ("x</think><answer>B</answer>", "missing <think>"),
+    ("<think>x<answer>B</answer>", "missing </think>"),
+    ("<think>x</think>B</answer>", "missing <answer>"),
+    ("<think>x</think><answer>B", "missing </answer>"),
+    ("<think><think>x</think><answer>B</answer>", "2 <think> tags"),
+    (r("B") + "</answer></answer>", "3 </answer> tags"),
+    ("<answer>B</answer><think>x</think>", "tags out of order"),
+    ("<think>x</think> so <answer>B</answer>", "text between </think> and <answer>"),
+    (r("B") + " done", "text after </answer>"),
+    (None, "response is not a string"),
+])
+def test_reason(response, reason):
+    assert verify(response, "B")["reason"] == reason
+
+
+def test_reason_strict():
+    out = verify(r("B", prefix="Reasoning first. "), "B", strict=True)
+    assert out["reason"] == "text before <think> (strict)" and not out["format_ok"]
+    assert out["pred"] is None and out["correct"] is False
+
+
+def test_verify_keys_and_pred():
+    out = verify(r("The answer is C"), "B", OPTS)
+    assert set(out) == {"reward", "format_ok", "pred", "correct", "answer_in_think",
+                        "reasoning_outside_think", "template_copy", "think_chars", "answer_chars",
+                        "prefix_chars", "reason"}
+    assert out["format_ok"] and out["pred"] == "C" and out["correct"] is False and out["reason"] == ""
+    assert verify(r("B or C"), "B", OPTS)["pred"] is None
+    assert verify(r("E"), "B", OPTS)["pred"] is None
+    assert verify("B", "B")["pred"] is None  # no format, no prediction
+
+
+def test_lengths():
+    out = verify("pre<think>abcd</think> <answer> B </answer>", "B")
+    assert (out["prefix_chars"], out["think_chars"], out["answer_chars"]) == (3, 4, 3)
+    out = verify("<think>abcd</think><answer>B</answer> trailing", "B")  # parts still measured
+    assert (out["think_chars"], out["answer_chars"], out["format_ok"]) == (4, 1, False)
+    out = verify("no tags here", "B")
+    assert (out["prefix_chars"], out["think_chars"], out["answer_chars"]) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("think,answer,options,flag", [
+    # the study's example of the direct answer hacker: the option's text stated in <think>
+    ("The most appropriate treatment is ketotifen eye drops.", "B", OPTS, True),
+    ("So the answer is B.", "B", OPTS, True),
+    ("Option B fits best", "B", None, True),
+    ("Itchy eyes suggest (B).", "B", OPTS, True),
+    ("Itchy, watery eyes in spring suggest an allergy.", "B", OPTS, False),
+    ("Ruling out (C) first.", "B", OPTS, False),                  # another option's letter
+    ("Ketotifen eye drops", "B", None, False),                     # text needs the options
+    ("A 45-year-old with itchy eyes.", "A", OPTS, False),          # the article is not the letter
+    ("The answer is B.", "B or C", OPTS, False),                    # no prediction, no flag
+])
+def test_answer_in_think(think, answer, options, flag):
+    assert verify(r(answer, think=think), "B", options)["answer_in_think"] is flag
+
+
+@pytest.mark.parametrize("prefix,flag", [
+    ("", False),
+    (" \n", False),
+    ("Okay, let me see.", False),
+    ("x" * 19 + " \n  ", False),      # 19 non-space characters: below the threshold
+    ("x" * 20, True),                 # 20: at it
+    ("Step 1: itchy eyes and sneezing in spring point to allergic conjunctivitis.\n", True),
+])
+def test_reasoning_outside_think(prefix, flag):
+    out = verify(r("B", think="Ketotifen", prefix=prefix), "B", OPTS)
+    assert out["reasoning_outside_think"] is flag and out["reward"] == 1.0  # allowed by default
+    assert out["prefix_chars"] == len(prefix)
+    strict = verify(r("B", think="Ketotifen", prefix=prefix), "B", OPTS, strict=True)
+    assert strict["reasoning_outside_think"] is flag  # still flagged when strict refuses it
+
+
+@pytest.mark.parametrize("response,flag", [
+    ("<think> reasoning process here </think><answer> answer here </answer>", True),
+    ("<think> Reasoning process here </think><answer>B</answer>", True),
+    ("<think>x</think><answer>answer here</answer>", True),
+    ("<think> reasoning process here </think><answer> answer here </answer><think>", True),  # broken
+    (r("B"), False),
+    (r("B", think="the answer here is B"), False),
+])
+def test_template_copy(response, flag):
+    assert verify(response, "B")["template_copy"] is flag
+
+
+def test_extract_letter_direct_answers():
+    # eval.py reads direct-answer generations with it
+    assert extract_letter(" B. Ketotifen") == "B"
+    assert extract_letter("B") == "B"
+    assert extract_letter("C\n\nExplanation: ...", OPTS) == "C"
+    assert extract_letter("E", OPTS) is None
+    assert extract_letter("E", letters="ABCDE") == "E"
+    assert extract_letter("B", letters="ACD") is None
+    assert extract_letter("Ketotifen eye drops", OPTS) == "B"
+    assert extract_letter(None) is None and extract_letter("") is None
+
+
+def test_stdlib_only():
+    tree = ast.parse(Path(__file__).resolve().parent.parent.joinpath("verifier.py").read_text())
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert names <= set(sys.stdlib_module_names), names
+
+
+# --- properties: never raises, always one of the three rewards
+
+PIECES = ["<think>", "</think>", "<answer>", "</answer>", "< think>", "<Think>", "A", "B", "C", "J",
+          "a", "b", "(", ")", ".", ":", "**", " ", "\n", "or", "Option ", "answer is ", "\\boxed{",
+          "}", "A 45-year-old", "I ", "reasoning process here", "Ketotifen eye drops"]
+
+
+def _check(response, gold, options, strict):
+    out = verify(response, gold, options, strict=strict)
+    assert out["reward"] in (-1.0, 0.0, 1.0)
+    assert out["format_ok"] == (out["reward"] != -1.0) and out["correct"] == (out["reward"] == 1.0)
+    assert out["pred"] is None or out["pred"] in (options or "ABCDEFGHIJ")
+    assert (out["reason"] == "") == out["format_ok"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(), st.sampled_from(["A", "B", "E"]), st.sampled_from([None, OPTS]), st.booleans())
+def test_property_arbitrary_text(response, gold, options, strict):
+    _check(response, gold, options, strict)
+    assert extract_letter(response, options) in (None, *(options or "ABCDEFGHIJ"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(PIECES), max_size=40).map("".join),
+       st.sampled_from(["A", "B", "J"]), st.sampled_from([None, OPTS, TEN]), st.booleans())
+def test_property_tag_soup(response, gold, options, strict):
+    _check(response, gold, options, strict)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(PIECES[6:]), max_size=20).map("".join), st.sampled_from([None, OPTS]))
+def test_property_wellformed_never_format_failure(answer, options):
+    assert verify(r(answer), "B", options)["reward"] in (0.0, 1.0)
+
+
+# --- adversarial inputs: each call well under a second (a guard against catastrophic backtracking)
+
+MB = 1_000_000
+_rng = random.Random(0)
+ADVERSARIAL = {
+    "10k <think>": "<think>" * 10_000 + "</think><answer>B</answer>",
+    "10k full blocks": r("B") * 10_000,
+    "nested tags": "<think><answer>" * 50_000 + "</answer></think>" * 50_000,
+    "split tags": "< think>< /think>< answer>" * 40_000,
+    "1 MB answer of letters": r("B " * (MB // 2)),
+    "1 MB answer of hedges": r("A or (B), option C, answer is D. " * (MB // 32)),
+    "1 MB answer, no spaces": r("A" * MB),
+    "1 MB think": r("B", think="The answer is (B). " * (MB // 19)),
+    "1 MB prefix": r("B", prefix="x " * (MB // 2)),
+    "1 MB whitespace between": "<think>x</think>" + " " * MB + "<answer>B</answer>",
+    "1 MB after answer": r("B") + "\n" * MB,
+    "1 MB template": "reasoning process here " * (MB // 23),
+    "1 MB random garbage": "".join(_rng.choice("<>/thinkanswer ABCD().:*\n\t") for _ in range(MB)),
+    "1 MB random unicode": "".join(chr(_rng.randrange(1, 0x2FFF)) for _ in range(MB)),
+}
+
+
+@pytest.mark.parametrize("name", list(ADVERSARIAL))
+def test_adversarial_fast(name):
+    response = ADVERSARIAL[name]
+    for options, strict in [(None, False), (OPTS, True)]:
+        start = time.perf_counter()
+        out = verify(response, "B", options, strict=strict)
+        assert time.perf_counter() - start < 0.5, name
+        assert out["reward"] in (-1.0, 0.0, 1.0)
+    start = time.perf_counter()
+    extract_letter(response, OPTS)
+    assert time.perf_counter() - start < 0.5, name
