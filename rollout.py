@@ -1,0 +1,326 @@
+"""Batched sampling with a hand-written KV cache: the rollout half of RLVR.
+
+`generate(model, input_ids, attention_mask, max_new_tokens, ...)` samples one response per (left padded)
+prompt and returns a `Rollout`: the sequences, a response mask, the log-probability of every sampled token
+and why each row stopped. PPO reuses those log-probs as `old_logprobs`, so they must be what one full
+forward pass over the final sequences gives (fp32: within 1e-5; tests/test_rollout.py checks it).
+
+How it works, and why it is faster than transformers' `generate` on RL workloads:
+1. One prefill over the left-padded prompts, position ids = cumsum(mask) - 1 (as model.py's
+   `position_ids_from_mask`), padding keys masked out.
+2. Then one token per step, with a KV cache PREALLOCATED at [B, kv_heads, P + max_new_tokens, head_dim]
+   per layer and written in place. transformers' DynamicCache grows every layer's K and V with torch.cat at
+   every step, copying the whole cache (24% of a decode step on SmolLM2 in the issue's profile).
+3. A row that ends (EOS, a stop string such as "</answer>", or max_new_tokens) LEAVES the batch: the
+   last active row is moved into its slot (cache included), so the remaining steps compute only live rows.
+   Moving one row costs one row's cache copy; `generate` instead keeps computing finished rows as padding
+   until the longest row is done.
+
+The decoder forward is written here for the Llama family (llama, mistral, qwen2, qwen3: RMSNorm, RoPE,
+grouped-query attention, SwiGLU, q/k/v biases, tied embeddings). It calls the model's SUBMODULES
+(embed_tokens, each layer's q_proj / input_layernorm / mlp ..., norm, lm_head), never the top-level
+forward, so it controls the cache and also runs on an FSDP2 model whose parameters were gathered with
+`model.unshard()` (the submodules then hold plain tensors and no FSDP hook fires). Other architectures
+raise NotImplementedError: add their layer to `_layer_step` rather than silently falling back.
+
+Sampling: temperature, then top-k, then top-p (nucleus), from a seeded torch.Generator; greedy when
+temperature == 0. The returned logprobs are log_softmax(logits / temperature) at the sampled token
+(log_softmax(logits) when temperature == 0), i.e. under the UNTRUNCATED tempered distribution, which is
+what the PPO trainer recomputes. Top-k / top-p truncation is NOT reflected in them.
+
+Run `python rollout.py --help`: a demo that samples answers to MedQA questions and a benchmark against
+transformers' `generate`.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class Rollout:
+    sequences: torch.Tensor  # [B, P+T] long: left-padded prompt, then the response right-padded with pad_token_id
+    response_mask: torch.Tensor  # [B, T] long: 1 up to and including the token that ended the row
+    logprobs: torch.Tensor  # [B, T] float32: log-prob of each sampled token (0 where the mask is 0)
+    finish_reason: list[str]  # per row: "eos" | "stop" | "length"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------------
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set to -inf every logit that top-k and then top-p (nucleus) sampling would drop. logits: [b, V].
+
+    top-k keeps the k largest logits (ties with the k-th are kept too). top-p keeps the smallest set of
+    most likely tokens whose total probability (renormalised after top-k) is >= top_p: token i stays
+    when the mass of the tokens strictly before it in sorted order is < top_p, so the top token always stays.
+    """
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [b, 1] the k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))  # [b, V]
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [b, V], [b, V]
+        probs = sorted_logits.softmax(-1)  # [b, V]
+        mass_before = probs.cumsum(-1) - probs  # [b, V] exclusive cumulative sum
+        drop_sorted = mass_before >= top_p  # [b, V] False for the top token whenever top_p > 0
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # [b, V] back to vocab order
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                  uniforms: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row. logits: [b, V] float32; uniforms: [b] in [0, 1) (None when greedy).
+
+    Returns tokens [b] and their logprobs [b] under log_softmax(logits / temperature) (untruncated).
+    Sampling is by inverse CDF with one uniform per row, so a row's sample depends only on its own
+    uniform: removing finished rows from the batch cannot change the other rows' samples.
+    """
+    if temperature == 0:
+        tokens = logits.argmax(-1)  # [b] greedy
+        logp = logits.log_softmax(-1)  # [b, V]
+    else:
+        scaled = logits / temperature  # [b, V]  softmax(z / T): the tempered distribution
+        logp = scaled.log_softmax(-1)  # [b, V]
+        probs = filter_logits(scaled, top_k, top_p).softmax(-1)  # [b, V] truncated, renormalised
+        cdf = probs.cumsum(-1)  # [b, V]
+        u = uniforms.to(cdf.dtype) * cdf[:, -1]  # [b] scaled by the total so rounding cannot overshoot
+        # the first token whose CDF exceeds u; right=True never picks a zero-probability token
+        tokens = torch.searchsorted(cdf, u[:, None], right=True)[:, 0].clamp_(max=logits.shape[-1] - 1)  # [b]
+    return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The decoder, by hand, over a preallocated KV cache
+# ---------------------------------------------------------------------------------------------------
+
+def _check_supported(model, total_len: int) -> None:
+    cfg = model.config
+    if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+        raise NotImplementedError(
+            f"rollout.generate writes the decoder by hand for {SUPPORTED_MODEL_TYPES}; got model_type="
+            f"{cfg.model_type!r}. Add its layer to rollout._layer_step (or sample with model.generate).")
+    window = getattr(cfg, "sliding_window", None)
+    if window and total_len > window:
+        raise NotImplementedError(f"sliding-window attention (window {window} < {total_len} tokens) is not implemented")
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding: x * cos + rotate_half(x) * sin. x: [b, h, s, d]; cos, sin: [b, 1, s, d]."""
+    x1, x2 = x.chunk(2, dim=-1)  # [b, h, s, d/2] each
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Grouped-query attention: softmax(q k^T * scale + mask) v.
+
+    q: [b, H, s, d]; k, v: [b, KV, S, d] (each group of H/KV query heads shares one KV head, as in
+    transformers' repeat_kv); mask: [b, 1, s, S] bool, True = may attend. Returns [b, H, s, d].
+    """
+    b, H, s, d = q.shape
+    KV = k.shape[1]
+    if s == 1:
+        # Decode: fold the group of query heads that share a KV head into the query-length axis, so one
+        # SDPA call reads each cached K/V once and nothing is repeated: [b, H, 1, d] -> [b, KV, H/KV, d].
+        out = F.scaled_dot_product_attention(q.view(b, KV, H // KV, d), k, v, attn_mask=mask, scale=scale)
+        return out.view(b, H, 1, d)
+    if KV != H:
+        k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)  # [b, H, S, d]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def _layer_step(layer, x, cos, sin, cache_k, cache_v, start, mask):
+    """One decoder layer on x [b, s, D] whose tokens go to cache slots start..start+s-1.
+
+    cache_k, cache_v: [b, KV, S_max, d] views of this layer's cache (the active rows), written in place.
+    Pre-norm residual block: x + Attn(RMSNorm(x)), then x + MLP(RMSNorm(x)).
+    """
+    attn = layer.self_attn
+    b, s, _ = x.shape
+    d = cache_k.shape[-1]
+    h = layer.input_layernorm(x)  # [b, s, D]
+    q = attn.q_proj(h).view(b, s, -1, d).transpose(1, 2)  # [b, H, s, d] (q/k/v biases live in the Linear)
+    k = attn.k_proj(h).view(b, s, -1, d).transpose(1, 2)  # [b, KV, s, d]
+    v = attn.v_proj(h).view(b, s, -1, d).transpose(1, 2)  # [b, KV, s, d]
+    if hasattr(attn, "q_norm"):  # qwen3: RMSNorm per head before RoPE
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+    end = start + s
+    cache_k[:, :, start:end] = k  # write in place: no torch.cat, nothing reallocated
+    cache_v[:, :, start:end] = v
+    o = _attend(q, cache_k[:, :, :end], cache_v[:, :, :end], mask, attn.scaling)  # [b, H, s, d], filled prefix only
+    x = x + attn.o_proj(o.transpose(1, 2).reshape(b, s, -1))  # [b, s, D]
+    return x + layer.mlp(layer.post_attention_layernorm(x))  # SwiGLU: down(act(gate(h)) * up(h))
+
+
+def _forward_last(model, ids, pos, cache, start, mask) -> torch.Tensor:
+    """Run ids [b, s] (cache slots start..start+s-1, position ids pos [b, s]) through the model.
+
+    cache: list over layers of (K, V), each [b, KV, S_max, d]; mask: [b, 1, s, start+s] bool.
+    Returns float32 logits of the LAST position only: [b, V] (the only ones sampling needs).
+    """
+    inner = model.model
+    x = inner.embed_tokens(ids)  # [b, s, D]
+    cos, sin = inner.rotary_emb(x, pos)  # [b, s, d] each, the model's own RoPE (scaling variants included)
+    cos, sin = cos[:, None], sin[:, None]  # [b, 1, s, d] broadcast over heads
+    for layer, (k, v) in zip(inner.layers, cache):
+        x = _layer_step(layer, x, cos, sin, k, v, start, mask)
+    return model.lm_head(inner.norm(x[:, -1])).float()  # [b, V]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stopping
+# ---------------------------------------------------------------------------------------------------
+
+def _hits_stop_string(tokenizer, windows: list[list[int]], stop_strings: list[str]) -> list[bool]:
+    """Does the decoded tail of each row contain a stop string? windows: per row, its last few response tokens.
+
+    A stop string can end in the middle of a token (say "r>\\n" completes "</answer>"), so we look at text,
+    not token ids. The window is only as long as the longest stop string (plus slack) in tokens: a few
+    characters to decode per row per step. The string cannot have ended before the newest token (the row
+    would have stopped then), so finding it anywhere in the window means the newest token completed it.
+    """
+    texts = tokenizer.batch_decode(windows, skip_special_tokens=False)
+    return [any(s in text for s in stop_strings) for text in texts]
+
+
+# ---------------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_token_id=None,
+             stop_strings: list[str] | str | None = None, tokenizer=None, generator: torch.Generator | None = None,
+             pad_token_id: int | None = None, compact: bool = True) -> Rollout:
+    """Sample a response for each left-padded prompt. input_ids, attention_mask: [B, P].
+
+    eos_token_id: an int or a list; None takes model.generation_config.eos_token_id, [] disables EOS.
+    stop_strings: end a row once its generated text contains one (needs `tokenizer`); the token that
+    completed it is kept. pad_token_id: fills the response after a row ends (default: the tokenizer's,
+    then the config's, then 0). generator: a seeded torch.Generator for reproducible samples.
+    compact=False keeps finished rows in the batch (as transformers does): same results, slower; for tests.
+    Returns a Rollout with T = the longest response (<= max_new_tokens).
+    """
+    device = input_ids.device
+    B, P = input_ids.shape
+    S_max = P + max_new_tokens
+    _check_supported(model, S_max)
+    if isinstance(stop_strings, str):
+        stop_strings = [stop_strings]
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer to decode the generated tail")
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
+                           dtype=torch.long, device=device)  # [n_eos]
+    if pad_token_id is None:
+        pad_token_id = getattr(tokenizer, "pad_token_id", None)
+        pad_token_id = pad_token_id if pad_token_id is not None else (model.config.pad_token_id or 0)
+    window = max((len(s) for s in stop_strings or []), default=0) + 2  # tokens of tail to decode for stop strings
+
+    # Outputs, indexed by ORIGINAL row; the active batch below is a permutation of the unfinished rows.
+    out_tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)  # [B, T_max]
+    out_logprobs = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)  # [B, T_max]
+    lengths = torch.full((B,), max_new_tokens, dtype=torch.long)  # [B] response length per row (cpu)
+    finish_reason = ["length"] * B
+
+    # Preallocated KV cache, one (K, V) per layer, each [B, KV, S_max, d]: written in place, never grown.
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dtype = model.model.embed_tokens.weight.dtype
+    cache = [(torch.empty(B, cfg.num_key_value_heads, S_max, head_dim, dtype=dtype, device=device),
+              torch.empty(B, cfg.num_key_value_heads, S_max, head_dim, dtype=dtype, device=device))
+             for _ in model.model.layers]
+
+    # Prefill. Position ids = cumsum(mask) - 1 (the trainer's position_ids_from_mask); keys that are
+    # padding are masked out; a padding query may see itself, so its (unused) row has no all-masked NaN.
+    prompt_mask = attention_mask.bool()  # [B, P]
+    pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, P]
+    causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()  # [P, P]
+    eye = torch.eye(P, dtype=torch.bool, device=device)  # [P, P]
+    prefill_mask = (causal & prompt_mask[:, None, :]) | eye  # [B, P, P]
+    logits = _forward_last(model, input_ids, pos, cache, 0, prefill_mask[:, None])  # [B, V]
+
+    # Which cache slots each row may attend to at decode time: its real prompt tokens and every generated
+    # token (all live rows advance in lockstep, so slot P + t is filled for all of them at step t).
+    key_ok = torch.cat([prompt_mask, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], 1)  # [B, S_max]
+    rows = torch.arange(B, device=device)  # [b] original row held by each active slot
+    next_pos = attention_mask.long().sum(-1)  # [b] position id of the next token
+    finished = torch.zeros(B, dtype=torch.bool, device=device)  # [b] slot is done (only kept when compact=False)
+    b = B
+    steps = 0
+    for t in range(max_new_tokens):
+        # One uniform per ORIGINAL row per step: a row's sample does not depend on which rows are still active.
+        uniforms = None if temperature == 0 else torch.rand(B, generator=generator, device=device)[rows]  # [b]
+        tokens, logps = sample_tokens(logits, temperature, top_k, top_p, uniforms)  # [b], [b]
+        live = ~finished  # [b]
+        out_tokens[rows[live], t] = tokens[live]
+        out_logprobs[rows[live], t] = logps[live]
+        steps = t + 1
+
+        # Which live rows end with this token.
+        is_eos = torch.isin(tokens, eos_ids) & live  # [b]
+        is_stop = torch.zeros_like(is_eos)  # [b]
+        if stop_strings:
+            check = (live & ~is_eos).nonzero()[:, 0]  # [n] slots to check
+            tails = out_tokens[rows[check], max(0, t + 1 - window):t + 1].tolist()
+            hits = _hits_stop_string(tokenizer, tails, stop_strings)
+            is_stop[check[torch.tensor(hits, dtype=torch.bool, device=device)]] = True
+        ended = is_eos | is_stop  # [b]
+        for slot in ended.nonzero()[:, 0].tolist():
+            row = rows[slot].item()
+            lengths[row] = t + 1
+            finish_reason[row] = "eos" if is_eos[slot] else "stop"
+        if t == max_new_tokens - 1:
+            break  # the rows still live end here with the defaults: length max_new_tokens, "length"
+        if ended.any():
+            finished = finished | ended
+            if compact:
+                b = _compact(finished, b, cache, rows, next_pos, key_ok, tokens, P + t)
+                rows, next_pos, tokens = rows[:b], next_pos[:b], tokens[:b]
+                finished = finished[:b]
+            if b == 0 or bool(finished.all()):
+                break
+
+        # Decode one token for every active slot: it goes to cache slot P + t.
+        n = P + t + 1
+        step_cache = [(k[:b], v[:b]) for k, v in cache]  # views of the active rows
+        mask = key_ok[:b, None, None, :n]  # [b, 1, 1, n]
+        logits = _forward_last(model, tokens[:, None], next_pos[:, None], step_cache, P + t, mask)  # [b, V]
+        next_pos = next_pos + 1
+
+    T = steps
+    response_mask = (torch.arange(T)[None, :] < lengths[:, None]).long().to(device)  # [B, T]
+    tokens_out = out_tokens[:, :T].masked_fill(response_mask == 0, pad_token_id)  # [B, T]
+    return Rollout(sequences=torch.cat([input_ids, tokens_out], dim=1),
+                   response_mask=response_mask,
+                   logprobs=out_logprobs[:, :T] * response_mask,
+                   finish_reason=finish_reason)
+
+
+def _compact(finished, b, cache, rows, next_pos, key_ok, tokens, n_filled) -> int:
+    """Remove finished slots from the active batch in place; returns the new batch size.
+
+    Each hole among the first b_new slots is filled by a live slot from beyond b_new (swap-remove), so
+    only len(holes) rows of the cache are copied, and only their n_filled written slots.
+    finished: [b] bool; rows, next_pos, tokens: [b]; key_ok: [B, S_max]; cache K/V: [B, KV, S_max, d].
+    """
+    b_new = int((~finished).sum())
+    holes = finished[:b_new].nonzero()[:, 0]  # [m] finished slots that stay inside the new batch
+    movers = (~finished[b_new:]).nonzero()[:, 0] + b_new  # [m] live slots beyond it
+    if len(holes):
+        for k, v in cache:
+            k[holes, :, :n_filled] = k[movers, :, :n_filled]
+            v[holes, :, :n_filled] = v[movers, :, :n_filled]
+        for x in (rows, next_pos, tokens, finished):
+            x[holes] = x[movers]
+        key_ok[holes] = key_ok[movers]
+    return b_new

@@ -1,0 +1,208 @@
+"""rollout.generate: exact against transformers' generate and a full forward pass, correct sampling and stopping."""
+import pytest
+import torch
+
+from model import load_tiny, token_logprobs
+from rollout import filter_logits, generate
+
+PROMPTS = ["Hello there, how are", "Q: 2+2?", "A much longer prompt about medicine and other things", "x",
+           "abc", "The patient"]
+
+
+def tiny(arch="qwen2", seed=1, scale=8.0):
+    """A tiny random model whose weights are scaled up, so its greedy text varies and EOS and tags occur in it."""
+    model, tok = load_tiny(arch, seed=seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.mul_(scale)
+    return model, tok
+
+
+def encode(tok, prompts=PROMPTS):
+    enc = tok(prompts, return_tensors="pt", padding=True)  # left padded
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def full_forward_logprobs(model, out, attention_mask, temperature=1.0):
+    """What the PPO trainer computes: one forward over the final sequences with the prompt+response mask."""
+    mask = torch.cat([attention_mask, out.response_mask], dim=1)  # [B, P+T]
+    return token_logprobs(model, out.sequences, mask, out.response_mask.shape[1], temperature=temperature)
+
+
+def first_stop(text_of, tokens, stops):
+    """Oracle: index of the first token after which the decoded response contains a stop string, else None."""
+    for k in range(len(tokens)):
+        if any(s in text_of(tokens[:k + 1]) for s in stops):
+            return k
+    return None
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("with_eos", [True, False])
+def test_greedy_matches_transformers_generate(arch, with_eos):
+    model, tok = tiny(arch)
+    ids, am = encode(tok)
+    if not with_eos:  # (generate falls back to the model's default EOS when given None)
+        model.generation_config.eos_token_id = None
+    expected = model.generate(ids, attention_mask=am, do_sample=False, max_new_tokens=40,
+                              pad_token_id=tok.pad_token_id)
+    for compact in (True, False):
+        out = generate(model, ids, am, 40, temperature=0, eos_token_id=tok.eos_token_id if with_eos else [],
+                       pad_token_id=tok.pad_token_id, compact=compact)
+        assert torch.equal(out.sequences, expected)
+    if with_eos:  # the EOS really ends some rows early, and not all at the same step
+        lengths = out.response_mask.sum(1)
+        assert "eos" in out.finish_reason and "length" in out.finish_reason
+        assert len(set(lengths.tolist())) >= 3
+        for row, reason in enumerate(out.finish_reason):
+            last = out.sequences[row, ids.shape[1] + lengths[row] - 1].item()
+            assert (last == tok.eos_token_id) == (reason == "eos")
+    else:
+        assert out.finish_reason == ["length"] * len(PROMPTS) and out.response_mask.all()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 0.9), (1.3, 10, 0.95), (0.0, 0, 1.0)])
+def test_logprobs_equal_one_full_forward(arch, temperature, top_k, top_p):
+    model, tok = tiny(arch, scale=3.0)
+    ids, am = encode(tok)
+    g = torch.Generator().manual_seed(0)
+    out = generate(model, ids, am, 48, temperature=temperature, top_k=top_k, top_p=top_p,
+                   eos_token_id=tok.eos_token_id, generator=g)
+    expected = full_forward_logprobs(model, out, am, temperature)  # temperature 0 -> raw softmax
+    mask = out.response_mask.bool()
+    assert out.logprobs.dtype == torch.float32 and out.logprobs.shape == out.response_mask.shape
+    assert torch.allclose(out.logprobs[mask], expected[mask], atol=1e-5, rtol=0)
+    assert (out.logprobs[~mask] == 0).all()
+    # the response is right padded with pad_token_id after the row ended
+    tail = out.sequences[:, ids.shape[1]:][~mask]
+    assert (tail == tok.pad_token_id).all()
+
+
+def test_same_seed_same_samples_different_seed_different():
+    model, tok = tiny(scale=2.0)
+    ids, am = encode(tok)
+
+    def sample(seed):
+        return generate(model, ids, am, 24, temperature=1.0, generator=torch.Generator().manual_seed(seed)).sequences
+
+    assert torch.equal(sample(3), sample(3))
+    assert not torch.equal(sample(3), sample(4))
+
+
+def test_compaction_does_not_change_results():
+    model, tok = tiny(scale=3.0)
+    ids, am = encode(tok)
+    outs = [generate(model, ids, am, 64, temperature=1.0, top_p=0.95, eos_token_id=tok.eos_token_id,
+                     generator=torch.Generator().manual_seed(7), compact=compact) for compact in (True, False)]
+    assert len(set(outs[0].response_mask.sum(1).tolist())) >= 3  # rows really leave at different steps
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    assert torch.equal(outs[0].response_mask, outs[1].response_mask)
+    assert outs[0].finish_reason == outs[1].finish_reason
+    assert torch.allclose(outs[0].logprobs, outs[1].logprobs, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.0, 6, 0.8)])
+def test_sample_frequencies_match_softmax(temperature, top_k, top_p):
+    """Many one-token generations from one prompt: token frequencies match softmax(filter(logits / T))."""
+    model, tok = tiny(scale=1.5)
+    n = 20000
+    ids, am = encode(tok, ["The patient"])
+    logits = model(ids, attention_mask=am).logits[0, -1].detach().float()  # [V]
+    probs = filter_logits((logits / temperature)[None], top_k, top_p).softmax(-1)[0]  # [V]
+    out = generate(model, ids.expand(n, -1), am.expand(n, -1), 1, temperature=temperature, top_k=top_k,
+                   top_p=top_p, eos_token_id=[], generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(out.sequences[:, -1], minlength=len(probs)).float() / n  # [V]
+    sigma = (probs * (1 - probs) / n).sqrt()  # binomial standard deviation of each frequency
+    assert ((freq - probs).abs() <= 5 * sigma + 1e-4).all(), (freq - probs).abs().max()
+    assert (freq[probs == 0] == 0).all()  # truncated tokens are never drawn
+    if top_k:
+        assert (probs > 0).sum() <= top_k
+
+
+def test_filter_logits_keeps_exactly_the_right_tokens():
+    p = torch.tensor([0.15, 0.5, 0.05, 0.2, 0.1])  # sorted: 0.5 (1), 0.2 (3), 0.15 (0), 0.1 (4), 0.05 (2)
+    logits = p.log()[None]  # [1, 5]
+
+    def kept(top_k=0, top_p=1.0):
+        return set(torch.isfinite(filter_logits(logits, top_k, top_p))[0].nonzero()[:, 0].tolist())
+
+    assert kept() == {0, 1, 2, 3, 4}
+    assert kept(top_k=1) == {1}
+    assert kept(top_k=3) == {1, 3, 0}
+    assert kept(top_k=5) == kept(top_k=50) == {0, 1, 2, 3, 4}
+    assert kept(top_p=0.3) == {1}  # the top token alone already has 0.5 >= 0.3
+    assert kept(top_p=0.01) == {1}  # the top token is always kept
+    assert kept(top_p=0.6) == {1, 3}  # 0.5 < 0.6 <= 0.7
+    assert kept(top_p=0.8) == {1, 3, 0}  # 0.7 < 0.8 <= 0.85
+    assert kept(top_p=0.9) == {1, 3, 0, 4}  # 0.85 < 0.9 <= 0.95
+    # top-p acts on the distribution renormalised after top-k: 0.5/0.85, 0.2/0.85 = 0.82 >= 0.8
+    assert kept(top_k=3, top_p=0.8) == {1, 3}
+    # rows are filtered independently
+    two = torch.stack([p.log(), p.flip(0).log()])  # [2, 5]
+    rows = torch.isfinite(filter_logits(two, 0, 0.6))
+    assert rows[0].nonzero()[:, 0].tolist() == [1, 3] and rows[1].nonzero()[:, 0].tolist() == [1, 3]
+
+
+class PairTokenizer:
+    """Every token decodes to two characters, so a stop string can end in the middle of a token."""
+
+    def __init__(self, vocab_size):
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        self.pieces = [letters[i % 26] + letters[(i // 26) % 26] for i in range(vocab_size)]
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(self.pieces[i] for i in ids)
+
+    def batch_decode(self, batch, skip_special_tokens=False):
+        return [self.decode(ids) for ids in batch]
+
+
+def check_stops(model, tok, ids, am, stops, reference):
+    """generate with stop strings ends each row at the oracle's token, keeps that token, and agrees before it."""
+    out = generate(model, ids, am, reference.shape[1] - ids.shape[1], temperature=0, eos_token_id=[],
+                   stop_strings=stops, tokenizer=tok, pad_token_id=0)
+    P = ids.shape[1]
+    n_stopped = 0
+    for row in range(len(ids)):
+        ref = reference[row, P:].tolist()
+        k = first_stop(tok.decode, ref, stops)
+        length = out.response_mask[row].sum().item()
+        if k is None:
+            assert out.finish_reason[row] == "length" and length == len(ref)
+        else:
+            n_stopped += 1
+            assert out.finish_reason[row] == "stop" and length == k + 1
+        assert out.sequences[row, P:P + length].tolist() == ref[:length]
+    return n_stopped
+
+
+def test_stop_string_split_over_char_tokens_and_as_one_token():
+    model, tok = tiny()
+    ids, am = encode(tok)
+    reference = generate(model, ids, am, 40, temperature=0, eos_token_id=[]).sequences  # [B, P+40]
+    texts = [tok.decode(r) for r in reference[:, ids.shape[1]:]]
+    # "</answer>" is one token of the char tokenizer; the greedy text of some rows contains it
+    assert sum("</answer>" in t for t in texts) >= 2
+    assert check_stops(model, tok, ids, am, ["</answer>"], reference) >= 2
+    # a stop string spread over several character tokens, taken from the middle of row 0's text
+    assert check_stops(model, tok, ids, am, ["nope", texts[0][5:9]], reference) >= 1
+
+
+def test_stop_string_ending_mid_token():
+    model, _ = tiny()
+    tok = PairTokenizer(model.config.vocab_size)
+    char_tok = load_tiny()[1]
+    ids, am = encode(char_tok)
+    reference = generate(model, ids, am, 30, temperature=0, eos_token_id=[]).sequences
+    text = tok.decode(reference[1, ids.shape[1]:].tolist())
+    stop = text[4:9]  # ends on the first character of the 5th token (characters 8-9)
+    assert check_stops(model, tok, ids, am, [stop], reference) >= 1
+
+
+def test_unsupported_architecture_raises():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50))
+    with pytest.raises(NotImplementedError, match="gpt2"):
+        generate(model, torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long), 2)
