@@ -1,0 +1,125 @@
+"""The PPO math of Med-RLVR, as plain functions on [B, T] tensors with a response mask.
+
+Copy this file on its own: it needs only torch. train_ppo.py runs these in its loop; tests/test_ppo.py
+checks each against a separate straightforward computation. Conventions: `mask` [B, T] is 1 on generated
+tokens (up to and including the one that ended the row) and 0 on padding; log-probs are of the sampled
+tokens; a row's reward for the answer arrives on its last generated token.
+"""
+import math
+
+import torch
+
+
+# ======================================================================================================
+def masked_mean(x, mask, dim=None):
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def kl_penalty(logprobs, ref_logprobs, kind="k1"):
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman, "Approximating KL divergence").
+    With log r = log pi_ref(a) - log pi(a):  k1 = -log r,  k2 = (log r)^2 / 2,  k3 = (r - 1) - log r.
+    k1 is unbiased but noisy and can be negative; k3 is unbiased and always >= 0; k2 is biased, low variance."""
+    log_r = ref_logprobs - logprobs  # [B, T]
+    if kind == "k1":
+        return -log_r
+    if kind == "k2":
+        return 0.5 * log_r ** 2
+    if kind == "k3":
+        return torch.exp(log_r) - 1 - log_r
+    raise ValueError(f"unknown KL estimator {kind!r}")
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Generalized Advantage Estimation (Schulman et al. 2016), a plain reversed loop over time.
+        delta_t = r_t + gamma * V(s_{t+1}) - V(s_t)
+        A_t     = delta_t + gamma * lam * A_{t+1}        returns_t = A_t + V(s_t)
+    The episode ends at each row's last generated token: there V(s_{t+1}) = 0 and A_{t+1} = 0.
+    rewards, values, mask: [B, T]."""
+    rewards, values = rewards * mask, values * mask  # [B, T] nothing counts after a row has ended
+    B, T = rewards.shape
+    advantages = torch.zeros_like(rewards)  # [B, T]
+    next_adv = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)  # [B] A_{t+1}
+    next_value = torch.zeros_like(next_adv)  # [B] V(s_{t+1})
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]  # [B]
+        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]  # [B]
+        advantages[:, t] = next_adv
+        next_value = values[:, t]
+    return advantages, (advantages + values) * mask  # [B, T], [B, T]
+
+
+def group_advantages(scores, n, kind):
+    """Critic-free advantages from the outcome scores [N] of n samples per prompt (rows of a group adjacent).
+    grpo:   (r - mean_group) / (std_group + 1e-6)              (Shao et al. 2024)
+    drgrpo: r - mean_group, no std division                    (Liu et al. 2025, "Dr. GRPO")
+    rloo:   r - mean of the other n-1 samples = n/(n-1) (r - mean_group)   (Ahmadian et al. 2024)"""
+    g = scores.view(-1, n)  # [prompts, n]
+    centered = g - g.mean(dim=1, keepdim=True)  # [prompts, n]
+    if kind == "grpo":
+        adv = centered / (g.std(dim=1, keepdim=True) + 1e-6)
+    elif kind == "drgrpo":
+        adv = centered
+    elif kind == "rloo":
+        adv = centered * n / (n - 1)
+    else:
+        raise ValueError(kind)
+    return adv.reshape(-1)  # [N]
+
+
+def aggregate(loss, mask, agg="token-mean", denom=None):
+    """Reduce a per-token loss [B, T] to a scalar. `denom` overrides the local count (tokens for token-mean,
+    sequences otherwise) so that micro-batches and ranks add up to the mean over the whole minibatch."""
+    if agg == "token-mean":
+        return (loss * mask).sum() / (denom if denom is not None else mask.sum().clamp(min=1))
+    if agg == "seq-mean":
+        per_seq = (loss * mask).sum(1) / mask.sum(1).clamp(min=1)  # [B]
+    elif agg == "seq-mean-token-sum-norm":  # Dr. GRPO: divide by a constant, not by each row's length
+        per_seq = (loss * mask).sum(1) / mask.shape[1]  # [B]
+    else:
+        raise ValueError(agg)
+    return per_seq.sum() / (denom if denom is not None else mask.shape[0])
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps, agg="token-mean", denom=None):
+    """PPO's clipped surrogate (Schulman et al. 2017), to be minimised:
+        ratio = pi(a|s) / pi_old(a|s);  L = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)
+    stats: clipfrac (share of tokens whose ratio left the clip range) and approx_kl (k3 of old vs new)."""
+    log_ratio = logprobs - old_logprobs  # [B, T]
+    ratio = torch.exp(log_ratio)  # [B, T]
+    surr1 = ratio * advantages  # [B, T]
+    surr2 = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages  # [B, T]
+    loss = aggregate(-torch.min(surr1, surr2), mask, agg, denom)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean(((ratio - 1).abs() > clip_eps).float(), mask).item(),
+                 "approx_kl": masked_mean((ratio - 1) - log_ratio, mask).item()}
+    return loss, stats
+
+
+def value_loss(values, old_values, returns, mask, clip_eps, agg="token-mean", denom=None):
+    """Clipped value loss (as in OpenAI baselines / OpenRLHF):
+        V_clip = V_old + clip(V - V_old, -eps, eps);  L = 1/2 max((V - R)^2, (V_clip - R)^2)"""
+    v_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)  # [B, T]
+    loss_tok = 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2)  # [B, T]
+    loss = aggregate(loss_tok, mask, agg, denom)
+    with torch.no_grad():
+        stats = {"vf_clipfrac": masked_mean(((values - old_values).abs() > clip_eps).float(), mask).item()}
+    return loss, stats
+
+
+def adaptive_kl(kl_coef, observed_kl, target, horizon, n_steps):
+    """Ziegler et al. 2019: beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)."""
+    error = max(-0.2, min(0.2, observed_kl / target - 1))
+    return kl_coef * (1 + error * n_steps / horizon)
+
+
+def lr_schedule(total_steps, warmup_ratio, min_lr_ratio):
+    """Multiplier of the peak learning rate: linear warm-up, then cosine decay to min_lr_ratio
+    (OpenRLHF's cosine_with_min_lr)."""
+    warmup = math.ceil(total_steps * warmup_ratio)
+
+    def factor(i):
+        if i < warmup:
+            return (i + 1) / warmup
+        progress = (i - warmup) / max(1, total_steps - warmup)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
