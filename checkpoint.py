@@ -1,0 +1,227 @@
+"""Checkpoints that are either complete or absent, with a manifest that says which.
+
+Layout (one folder per saved step, under OUT/checkpoints/):
+    step_000010/
+        policy/           Hugging Face folder (AutoModelForCausalLM.from_pretrained loads it)
+        critic/           Hugging Face folder (AutoModelForTokenClassification), PPO with a critic only
+        optim/            optimizer state via torch.distributed.checkpoint: sharded, one file per rank,
+                          and resharded on load, so a run can resume on a different number of processes
+        trainer_state.json  step, position in the data, KL coefficient, scheduler, ...
+        MANIFEST.json     step, config, every file with its size and sha256; written last
+
+How "complete or absent" is kept: everything is written into `step_000010.tmp-<id>/`; only when every
+file is written and fsynced does rank 0 write MANIFEST.json and rename the folder to `step_000010`
+(a rename within one folder is atomic). A process killed at any moment leaves at worst a `.tmp-`
+folder, which resume ignores and the next save removes. Resume trusts a checkpoint only after
+checking every file against the manifest; `fallback=True` steps back to the newest one that passes.
+"""
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import distributed as D
+
+STEP_RE = re.compile(r"^step_(\d{6,})$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_tree(folder: Path):
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _write_json_atomic(path: Path, obj):
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def writing(root, step: int, meta: dict, keep_last: int = 0):
+    """Yield a temporary folder to write step `step` into; publish it atomically on success.
+
+    All ranks enter together (rank 0 picks the folder name). On any error the temporary folder is
+    removed, the previous checkpoints are untouched, and a CheckpointError says what happened.
+    """
+    import torch
+    root = Path(root)
+    final = root / f"step_{step:06d}"
+    tmp = None
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob("step_*.tmp-*"):  # leftovers of a run killed mid-save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = root / f"{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    tmp = Path(D.broadcast_object(str(tmp) if tmp else None))
+    err = None
+    try:
+        yield tmp
+    except Exception as e:  # noqa: BLE001 - re-raised below, after every rank agreed
+        err = e
+    # every rank must have written its part before rank 0 publishes the folder
+    failed = D.all_reduce_sum(torch.tensor([1.0 if err is not None else 0.0])).item() > 0
+    if failed:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        D.barrier()
+        if isinstance(err, OSError):
+            raise CheckpointError(f"could not write checkpoint {final}: {err}; the previous checkpoints are intact") from err
+        if err is not None:
+            raise err
+        raise CheckpointError(f"another rank failed while writing checkpoint {final}; the previous checkpoints are intact")
+    try:
+        if _rank() == 0:
+            _fsync_tree(tmp)
+            files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
+                     for p in sorted(tmp.rglob("*")) if p.is_file()}
+            _write_json_atomic(tmp / "MANIFEST.json",
+                               {"step": step, "time": time.time(), "files": files, **meta})
+            if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+                old = final.with_name(final.name + f".old-{uuid.uuid4().hex[:8]}")
+                os.rename(final, old)
+                os.rename(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, final)
+            if keep_last > 0:
+                for old in list_checkpoints(root)[:-keep_last]:
+                    shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:  # disk full, read-only folder, ...: say so, keep the previous checkpoint
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write checkpoint {final}: {e}; the previous checkpoints are intact") from e
+    finally:
+        D.barrier()
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+    return dist.get_rank() if D.is_distributed() else 0
+
+
+def list_checkpoints(root) -> list:
+    """Complete checkpoint folders (published by rename), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def verify(folder) -> list:
+    """Problems found when checking a checkpoint against its manifest ([] when it is sound)."""
+    folder = Path(folder)
+    man = folder / "MANIFEST.json"
+    if not man.is_file():
+        return [f"{man}: missing"]
+    try:
+        manifest = json.loads(man.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError) as e:
+        return [f"{man}: unreadable ({e})"]
+    problems = []
+    for rel, info in files.items():
+        p = folder / rel
+        if not p.is_file():
+            problems.append(f"{p}: missing")
+        elif p.stat().st_size != info["bytes"]:
+            problems.append(f"{p}: {p.stat().st_size} bytes, manifest says {info['bytes']}")
+        elif sha256(p) != info["sha256"]:
+            problems.append(f"{p}: sha256 differs from the manifest (corrupted)")
+    return problems
+
+
+def find_resumable(root, fallback: bool = False, log=print):
+    """The newest checkpoint that passes verify(); without `fallback`, a corrupted newest one is an error."""
+    ckpts = list_checkpoints(root)
+    if not ckpts:
+        return None
+    for folder in reversed(ckpts):
+        problems = verify(folder)
+        if not problems:
+            return folder
+        msg = f"checkpoint {folder} failed verification:\n  " + "\n  ".join(problems)
+        if not fallback:
+            raise CheckpointError(msg + "\nrerun with --resume_fallback to resume from the previous checkpoint")
+        log(msg + "\nfalling back to the previous checkpoint")
+    raise CheckpointError(f"no checkpoint under {root} passes verification")
+
+
+def read_manifest(folder) -> dict:
+    return json.loads((Path(folder) / "MANIFEST.json").read_text())
+
+
+# --- a training run's whole state: used by train_ppo.py and train_sft.py ------------------------------
+def save_training(root, step, models: dict, opts: dict, scheds: dict, tokenizer, config: dict, extra: dict,
+                  keep_last: int = 0, slow: bool = False):
+    """Write checkpoint `step`: each model as a Hugging Face folder (gathered on rank 0), the optimizers
+    (sharded, one file per rank), the schedulers, RNG states and `extra` (e.g. the KL coefficient).
+    `models` maps a folder name to a model, `opts`/`scheds` the same names to its optimizer/scheduler.
+    Collective: every rank calls it. Refuses to write non-finite weights."""
+    import numpy as np
+    import random
+    import torch
+    import torch.distributed.checkpoint as dcp
+    import model as M
+    full = {name: D.full_model_state_dict(m) for name, m in models.items()}  # on rank 0 only under FSDP
+    finite = all(torch.isfinite(t).all() for sd in full.values() for t in sd.values() if t.is_floating_point())
+    if not D.broadcast_object(finite):
+        raise CheckpointError(f"step {step}: the weights hold NaN or inf; refusing to write them into a checkpoint")
+    optim = {name: D.optimizer_state_dict(m, opts[name]) for name, m in models.items()}
+    state = {"step": step, **extra, "schedulers": {k: s.state_dict() for k, s in scheds.items()},
+             "world_size": D.all_reduce_sum(torch.ones(1)).item() if D.is_distributed() else 1}
+    with writing(root, step, {"config": config}, keep_last) as tmp:
+        if _rank() == 0:
+            for name, m in models.items():
+                M.save_model(m, tokenizer, tmp / name, state_dict=full[name])
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                       tmp / "rng.pt")
+        dcp.save(optim, checkpoint_id=str(tmp / "optim"))  # each rank writes its own shard
+        if slow:
+            time.sleep(60)  # test hook (MEDRLVR_FAULT=slow_save@N): a window to SIGKILL the process mid-write
+
+
+def load_training(folder, models: dict, opts: dict, scheds: dict) -> dict:
+    """Restore optimizers (resharded to this run's number of ranks), schedulers and RNG states from a
+    checkpoint whose model folders the caller already loaded. Returns trainer_state.json."""
+    import numpy as np
+    import random
+    import torch
+    import torch.distributed.checkpoint as dcp
+    folder = Path(folder)
+    optim = {name: D.optimizer_state_dict(m, opts[name]) for name, m in models.items()}
+    dcp.load(optim, checkpoint_id=str(folder / "optim"))
+    for name, m in models.items():
+        D.load_optimizer_state_dict(m, opts[name], optim[name])
+    state = json.loads((folder / "trainer_state.json").read_text())
+    for k, s in scheds.items():
+        s.load_state_dict(state["schedulers"][k])
+    rng = torch.load(folder / "rng.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    return state
