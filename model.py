@@ -111,6 +111,20 @@ def _logprob_chunk(lm_head, h, targets, temperature, with_entropy):
     return logp, entropy
 
 
+def _backbone_hidden(model, input_ids, attention_mask):
+    """The final (normed) hidden states [B, L, H], from a call of the whole model (not of model.model) so that
+    wrappers' hooks run (FSDP2 gathers the root's parameters in one); a forward hook on the backbone catches
+    them, and logits_to_keep=1 makes the model's own LM head run on the last position only."""
+    caught = []
+    hook = model.model.register_forward_hook(lambda module, args, out: caught.append(out.last_hidden_state))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+              use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return caught[0]  # [B, L, H]
+
+
 def token_logprobs(model, input_ids, attention_mask, response_len: int, temperature=1.0, return_entropy=False,
                    chunk_tokens=1024):
     """Log-probs [B, T] (fp32, differentiable) of the last T = response_len tokens of input_ids [B, L].
@@ -119,7 +133,8 @@ def token_logprobs(model, input_ids, attention_mask, response_len: int, temperat
     tokens, in chunks of `chunk_tokens` tokens. When gradients are needed each chunk is checkpointed, so what
     autograd keeps is the [B, T, H] hidden states, not [B, T, vocab] fp32 logits (recomputed in backward).
     `temperature` divides the logits as in sampling; temperature <= 0 (greedy) means the raw softmax (1.0).
-    Calls `model.model` and `model.lm_head` directly (not `model(...)`), with FSDP shard them as units.
+    FSDP2: the forward goes through `model(...)` so the root's hooks gather the embeddings, final norm and
+    head; the root keeps them gathered after its forward, so the chunked `model.lm_head` calls then work.
     """
     B, L = input_ids.shape
     T = response_len
@@ -127,8 +142,7 @@ def token_logprobs(model, input_ids, attention_mask, response_len: int, temperat
         empty = torch.zeros(B, 0, device=input_ids.device)
         return (empty, empty.clone()) if return_entropy else empty
     temperature = temperature if temperature > 0 else 1.0
-    hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                         position_ids=position_ids_from_mask(attention_mask)).last_hidden_state  # [B, L, H]
+    hidden = _backbone_hidden(model, input_ids, attention_mask)  # [B, L, H]
     # position t predicts token t + 1: the hidden states before each response token
     h = hidden[:, L - T - 1:L - 1].reshape(B * T, -1)  # [B*T, H]
     targets = input_ids[:, L - T:].reshape(B * T)  # [B*T]
@@ -272,12 +286,13 @@ def _is_critic_folder(path) -> bool:
 
 
 def load_critic(name_or_path=SMOLLM2_NAME, dtype="float32", device="cpu", gradient_checkpointing=False,
-                head_std=1e-3):
+                head_std=1e-3, seed=0):
     """The value model: AutoModelForTokenClassification (num_labels=1) = the policy's backbone + a linear head.
 
     `name_or_path` may be a policy name/folder, a saved critic folder (loaded as is, head included), or a
     policy model object (its backbone weights are copied; nothing touches disk). A new head is initialised
-    w ~ N(0, head_std^2), b = 0, so that V starts near 0 but the backbone gets a gradient from the first step.
+    w ~ N(0, head_std^2), b = 0, so that V starts near 0 but the backbone gets a gradient from the first step;
+    drawn from its own generator seeded with `seed`, so that every rank of a torchrun job builds the same head.
     """
     if isinstance(name_or_path, (str, os.PathLike)) and _is_critic_folder(name_or_path):
         critic = AutoModelForTokenClassification.from_pretrained(name_or_path, dtype=as_dtype(dtype))
@@ -288,7 +303,7 @@ def load_critic(name_or_path=SMOLLM2_NAME, dtype="float32", device="cpu", gradie
         cfg.pop("id2label", None), cfg.pop("label2id", None)
         critic = AutoModelForTokenClassification.from_config(type(policy.config).from_dict(cfg))
         critic.model.load_state_dict(policy.model.state_dict())  # the backbone, copied (and cast to fp32)
-        nn.init.normal_(critic.score.weight, std=head_std)
+        nn.init.normal_(critic.score.weight, std=head_std, generator=torch.Generator().manual_seed(seed))
         nn.init.zeros_(critic.score.bias)
     assert critic.dropout.p == 0.0, "a dropout before the value head would make V noisy"
     critic = critic.to(device=device, dtype=as_dtype(dtype))

@@ -258,11 +258,65 @@ def test_smollm2_conversion_matches_gguf():
     assert model.config.pad_token_id == tok.pad_token_id and gguf_model.config.pad_token_id == tok.eos_token_id
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
                for q in ["A 23-year-old woman presents with fever and a stiff neck. Which test comes first?\n"
-                         "A. Lumbar puncture\nB. Head CT\nC. Blood cultures\nD. MRI",
-                         "What is the first-line treatment of anaphylaxis?"]] + ["Metformin is"]
+                         "A. Lumbar puncture\nB. Head CT\nC. Blood cultures\nD. MRI"]] + ["Metformin is"]
     assert [tok(p).input_ids for p in prompts] == [gguf_tok(p).input_ids for p in prompts]
     ids, mask = batch(tok, prompts)
     torch.testing.assert_close(logits_of(model, ids, mask), logits_of(gguf_model, ids, mask), atol=1e-5, rtol=0)
     # the converted model is trainable: a backward pass reaches the weights
     M.token_logprobs(model, ids[:1, -8:], mask[:1, -8:], 4).sum().backward()
     assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+FSDP_WORKER = r'''
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch, torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
+from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+import model as M
+
+dist.init_process_group("gloo")
+policy, tok = M.load_tiny("llama", seed=0, hidden=32)
+enc = tok(["Q: 2+2?\nA. 3", "<think>x</think> <answer>B"], padding=True, return_tensors="pt")
+ids, mask = enc.input_ids, enc.attention_mask
+for name, build, fn, args in [("policy", lambda: M.load_tiny("llama", seed=0, hidden=32)[0], M.token_logprobs, (5,)),
+                              ("critic", lambda: M.load_critic(policy), M.critic_values, ())]:
+    ref, sharded = build(), build()
+    for layer in M.layer_modules(sharded):  # the same wrapping as distributed.shard
+        fully_shard(layer)
+    fully_shard(sharded)
+    out, out_ref = fn(sharded, ids, mask, *args), fn(ref, ids, mask, *args)
+    out.sum().backward()
+    out_ref.sum().backward()
+    grads = {n: p.grad.full_tensor() for n, p in sharded.named_parameters()}
+    err = max((grads[n] - p.grad).abs().max().item() for n, p in ref.named_parameters())
+    with torch.no_grad():  # (after it the root stays unsharded: named_parameters() shows the gathered copies)
+        out_nograd = fn(sharded, ids, mask, *args)
+    assert (out - out_ref).abs().max() < 1e-6 and (out_nograd - out_ref).abs().max() < 1e-6 and err < 1e-6, name
+    # save what rank 0 gathered from the shards (as checkpoint.py does): a plain Hugging Face folder
+    sharded.reshard()
+    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        out_dir = M.save_model(sharded, tok, sys.argv[2] + "/" + name, state_dict=full)
+        loaded = (AutoModelForCausalLM if name == "policy" else AutoModelForTokenClassification).from_pretrained(out_dir)
+        assert type(loaded).__name__ == type(ref).__name__ and loaded.state_dict().keys() == ref.state_dict().keys()
+        assert all(torch.equal(v, full[k]) for k, v in loaded.state_dict().items()), name
+    dist.barrier()
+dist.destroy_process_group()
+print("FSDP OK")
+'''
+
+
+@pytest.mark.slow
+def test_logprobs_and_values_under_fsdp2(tmp_path):
+    """token_logprobs / critic_values on FSDP2-sharded models (2 CPU processes, gloo) = on plain models, and
+    save_model of the gathered state dict gives a loadable folder."""
+    import subprocess
+    import sys
+    script = tmp_path / "worker.py"
+    script.write_text(FSDP_WORKER)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2", str(script), root, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "FSDP OK" in res.stdout, res.stderr[-3000:]
