@@ -122,7 +122,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     """Grouped-query attention: softmax(q k^T * scale + mask) v.
 
     q: [b, H, s, d]; k, v: [b, KV, S, d] (each group of H/KV query heads shares one KV head, as in
-    transformers' repeat_kv); mask: [b, 1, s, S] bool, True = may attend. Returns [b, H, s, d].
+    transformers' repeat_kv); mask: [b, 1, s, S] bool, True = may attend, or None = causal (a prefill
+    from slot 0 with s == S). Returns [b, H, s, d].
     """
     b, H, s, d = q.shape
     KV = k.shape[1]
@@ -133,7 +134,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
         return out.view(b, H, 1, d)
     if KV != H:
         k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)  # [b, H, S, d]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
 
 
 def _layer_step(layer, x, cos, sin, cache_k, cache_v, start, mask):
@@ -163,7 +164,8 @@ def _layer_step(layer, x, cos, sin, cache_k, cache_v, start, mask):
 def _forward_last(model, ids, pos, cache, start, mask) -> torch.Tensor:
     """Run ids [b, s] (cache slots start..start+s-1, position ids pos [b, s]) through the model.
 
-    cache: list over layers of (K, V), each [b, KV, S_max, d]; mask: [b, 1, s, start+s] bool.
+    cache: list over layers of (K, V), each [b, KV, S_max, d]; mask: [b, 1, s, start+s] bool, or None for
+    a causal prefill that starts at slot 0.
     Returns float32 logits of the LAST position only: [b, V] (the only ones sampling needs).
     """
     inner = model.model
@@ -173,6 +175,36 @@ def _forward_last(model, ids, pos, cache, start, mask) -> torch.Tensor:
     for layer, (k, v) in zip(inner.layers, cache):
         x = _layer_step(layer, x, cos, sin, k, v, start, mask)
     return model.lm_head(inner.norm(x[:, -1])).float()  # [b, V]
+
+
+def _prefill(model, input_ids, attention_mask, n_real, cache) -> torch.Tensor:
+    """Run the prompts into the cache; returns the logits for each row's first response token, [B, V].
+
+    Rows are grouped by their number of real tokens n and identical prompts are run once, so no padding
+    is ever computed (MedQA prompt lengths vary about 2x: a padded batch would spend up to half its prefill
+    on padding) and the k samples per prompt that RL draws share one prefill. A group's n tokens go to
+    cache slots P-n .. P-1 with position ids 0 .. n-1 (= cumsum(mask) - 1, the trainer's
+    position_ids_from_mask); the padding slots before them are zeroed (masked out later, but they must be
+    finite: 0 * NaN is NaN) . input_ids, attention_mask: [B, P]; n_real: [B]; cache K/V: [B, KV, S_max, d].
+    """
+    B, P = input_ids.shape
+    logits = None
+    for n in n_real.unique().tolist():
+        rows = (n_real == n).nonzero()[:, 0]  # [g] rows with n real tokens
+        ids = input_ids[rows][attention_mask[rows].bool()].view(len(rows), n)  # [g, n] padding dropped
+        unique_ids, inverse = torch.unique(ids, dim=0, return_inverse=True)  # [u, n], [g]
+        u = len(unique_ids)
+        group_cache = [(k.new_empty(u, k.shape[1], n, k.shape[3]), v.new_empty(u, v.shape[1], n, v.shape[3]))
+                       for k, v in cache]  # per layer [u, KV, n, d]
+        pos = torch.arange(n, device=ids.device).expand(u, n)  # [u, n]
+        group_logits = _forward_last(model, unique_ids, pos, group_cache, 0, None)  # [u, V] causal, no mask
+        if logits is None:
+            logits = group_logits.new_empty(B, group_logits.shape[-1])  # [B, V]
+        logits[rows] = group_logits[inverse]
+        for (k, v), (gk, gv) in zip(cache, group_cache):
+            k[rows, :, P - n:P], v[rows, :, P - n:P] = gk[inverse], gv[inverse]
+            k[rows, :, :P - n], v[rows, :, :P - n] = 0, 0
+    return logits
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -240,20 +272,16 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_n
               torch.empty(B, cfg.num_key_value_heads, S_max, head_dim, dtype=dtype, device=device))
              for _ in model.model.layers]
 
-    # Prefill. Position ids = cumsum(mask) - 1 (the trainer's position_ids_from_mask); keys that are
-    # padding are masked out; a padding query may see itself, so its (unused) row has no all-masked NaN.
-    prompt_mask = attention_mask.bool()  # [B, P]
-    pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, P]
-    causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()  # [P, P]
-    eye = torch.eye(P, dtype=torch.bool, device=device)  # [P, P]
-    prefill_mask = (causal & prompt_mask[:, None, :]) | eye  # [B, P, P]
-    logits = _forward_last(model, input_ids, pos, cache, 0, prefill_mask[:, None])  # [B, V]
+    n_real = attention_mask.long().sum(-1)  # [B] real prompt tokens per row
+    if int(n_real.min()) == 0:
+        raise ValueError("every prompt needs at least one real token")
+    logits = _prefill(model, input_ids, attention_mask, n_real, cache)  # [B, V]
 
     # Which cache slots each row may attend to at decode time: its real prompt tokens and every generated
     # token (all live rows advance in lockstep, so slot P + t is filled for all of them at step t).
-    key_ok = torch.cat([prompt_mask, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], 1)  # [B, S_max]
+    key_ok = torch.arange(S_max, device=device)[None, :] >= (P - n_real)[:, None]  # [B, S_max]
     rows = torch.arange(B, device=device)  # [b] original row held by each active slot
-    next_pos = attention_mask.long().sum(-1)  # [b] position id of the next token
+    next_pos = n_real.clone()  # [b] position id of the next token
     finished = torch.zeros(B, dtype=torch.bool, device=device)  # [b] slot is done (only kept when compact=False)
     b = B
     steps = 0

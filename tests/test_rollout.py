@@ -1,4 +1,6 @@
 """rollout.generate: exact against transformers' generate and a full forward pass, correct sampling and stopping."""
+import string
+
 import pytest
 import torch
 
@@ -30,6 +32,21 @@ def full_forward_logprobs(model, out, attention_mask, temperature=1.0):
     return token_logprobs(model, out.sequences, mask, out.response_mask.shape[1], temperature=temperature)
 
 
+def pick_eos(responses):
+    """The token whose first occurrences end the rows of `responses` [B, T] at the most different steps.
+
+    Used as EOS, it makes rows leave the batch early and at different times, whatever the random model."""
+    B, T = responses.shape
+    best, best_score = None, 0
+    for token in responses.unique().tolist():
+        hit = responses == token  # [B, T]
+        first = torch.where(hit.any(1), hit.float().argmax(1), torch.full((B,), T))  # [B]
+        score = len(set(first.tolist()))
+        if score > best_score:
+            best, best_score = token, score
+    return best, best_score
+
+
 def first_stop(text_of, tokens, stops):
     """Oracle: index of the first token after which the decoded response contains a stop string, else None."""
     for k in range(len(tokens)):
@@ -39,27 +56,32 @@ def first_stop(text_of, tokens, stops):
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
-@pytest.mark.parametrize("with_eos", [True, False])
-def test_greedy_matches_transformers_generate(arch, with_eos):
+def test_greedy_matches_transformers_generate(arch):
     model, tok = tiny(arch)
     ids, am = encode(tok)
-    if not with_eos:  # (generate falls back to the model's default EOS when given None)
-        model.generation_config.eos_token_id = None
+    P = ids.shape[1]
+    # without EOS every row runs to max_new_tokens
+    model.generation_config.eos_token_id = None  # (generate would fall back to it when given None)
     expected = model.generate(ids, attention_mask=am, do_sample=False, max_new_tokens=40,
                               pad_token_id=tok.pad_token_id)
+    out = generate(model, ids, am, 40, temperature=0, eos_token_id=[], pad_token_id=tok.pad_token_id)
+    assert torch.equal(out.sequences, expected)
+    assert out.finish_reason == ["length"] * len(PROMPTS) and out.response_mask.all()
+    # with an EOS that really occurs, rows end (and leave the batch) at different steps
+    eos, n_lengths = pick_eos(out.sequences[:, P:])
+    assert n_lengths >= 3
+    expected = model.generate(ids, attention_mask=am, do_sample=False, max_new_tokens=40, eos_token_id=eos,
+                              pad_token_id=tok.pad_token_id)
     for compact in (True, False):
-        out = generate(model, ids, am, 40, temperature=0, eos_token_id=tok.eos_token_id if with_eos else [],
-                       pad_token_id=tok.pad_token_id, compact=compact)
+        out = generate(model, ids, am, 40, temperature=0, eos_token_id=eos, pad_token_id=tok.pad_token_id,
+                       compact=compact)
         assert torch.equal(out.sequences, expected)
-    if with_eos:  # the EOS really ends some rows early, and not all at the same step
-        lengths = out.response_mask.sum(1)
-        assert "eos" in out.finish_reason and "length" in out.finish_reason
-        assert len(set(lengths.tolist())) >= 3
-        for row, reason in enumerate(out.finish_reason):
-            last = out.sequences[row, ids.shape[1] + lengths[row] - 1].item()
-            assert (last == tok.eos_token_id) == (reason == "eos")
-    else:
-        assert out.finish_reason == ["length"] * len(PROMPTS) and out.response_mask.all()
+    lengths = out.response_mask.sum(1)  # [B]
+    assert len(set(lengths.tolist())) == n_lengths
+    for row, reason in enumerate(out.finish_reason):
+        ended_on_eos = out.sequences[row, P + lengths[row] - 1].item() == eos
+        assert reason == ("eos" if ended_on_eos else "length")
+        assert ended_on_eos or lengths[row] == 40
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
@@ -94,9 +116,16 @@ def test_same_seed_same_samples_different_seed_different():
 def test_compaction_does_not_change_results():
     model, tok = tiny(scale=3.0)
     ids, am = encode(tok)
-    outs = [generate(model, ids, am, 64, temperature=1.0, top_p=0.95, eos_token_id=tok.eos_token_id,
-                     generator=torch.Generator().manual_seed(7), compact=compact) for compact in (True, False)]
-    assert len(set(outs[0].response_mask.sum(1).tolist())) >= 3  # rows really leave at different steps
+    P = ids.shape[1]
+
+    def sample(eos, compact=True):
+        return generate(model, ids, am, 64, temperature=1.0, top_p=0.95, eos_token_id=eos,
+                        generator=torch.Generator().manual_seed(7), compact=compact)
+
+    eos, n_lengths = pick_eos(sample([]).sequences[:, P:])  # an EOS that ends rows at different steps
+    assert n_lengths >= 3
+    outs = [sample(eos, compact) for compact in (True, False)]
+    assert len(set(outs[0].response_mask.sum(1).tolist())) == n_lengths
     assert torch.equal(outs[0].sequences, outs[1].sequences)
     assert torch.equal(outs[0].response_mask, outs[1].response_mask)
     assert outs[0].finish_reason == outs[1].finish_reason
@@ -145,12 +174,11 @@ def test_filter_logits_keeps_exactly_the_right_tokens():
     assert rows[0].nonzero()[:, 0].tolist() == [1, 3] and rows[1].nonzero()[:, 0].tolist() == [1, 3]
 
 
-class PairTokenizer:
-    """Every token decodes to two characters, so a stop string can end in the middle of a token."""
+class PieceTokenizer:
+    """Token i decodes to pieces[i]: lets a test choose where a stop string falls on token boundaries."""
 
-    def __init__(self, vocab_size):
-        letters = "abcdefghijklmnopqrstuvwxyz"
-        self.pieces = [letters[i % 26] + letters[(i // 26) % 26] for i in range(vocab_size)]
+    def __init__(self, pieces):
+        self.pieces = pieces
 
     def decode(self, ids, skip_special_tokens=False):
         return "".join(self.pieces[i] for i in ids)
@@ -159,11 +187,19 @@ class PairTokenizer:
         return [self.decode(ids) for ids in batch]
 
 
+def char_pieces(vocab_size):  # one character per token
+    return [string.ascii_letters[i % 52] for i in range(vocab_size)]
+
+
+def pair_pieces(vocab_size):  # two characters per token, so a stop string can end in the middle of one
+    return [string.ascii_letters[i % 52] + string.digits[(i // 52) % 10] for i in range(vocab_size)]
+
+
 def check_stops(model, tok, ids, am, stops, reference):
     """generate with stop strings ends each row at the oracle's token, keeps that token, and agrees before it."""
-    out = generate(model, ids, am, reference.shape[1] - ids.shape[1], temperature=0, eos_token_id=[],
-                   stop_strings=stops, tokenizer=tok, pad_token_id=0)
     P = ids.shape[1]
+    out = generate(model, ids, am, reference.shape[1] - P, temperature=0, eos_token_id=[],
+                   stop_strings=stops, tokenizer=tok, pad_token_id=0)
     n_stopped = 0
     for row in range(len(ids)):
         ref = reference[row, P:].tolist()
@@ -178,27 +214,32 @@ def check_stops(model, tok, ids, am, stops, reference):
     return n_stopped
 
 
-def test_stop_string_split_over_char_tokens_and_as_one_token():
+@pytest.mark.parametrize("pieces", ["model", "char", "pair"])
+def test_stop_string_spread_over_tokens(pieces):
+    """A stop string taken from the middle of row 1's text; with "pair" it ends inside a token."""
     model, tok = tiny()
     ids, am = encode(tok)
-    reference = generate(model, ids, am, 40, temperature=0, eos_token_id=[]).sequences  # [B, P+40]
-    texts = [tok.decode(r) for r in reference[:, ids.shape[1]:]]
-    # "</answer>" is one token of the char tokenizer; the greedy text of some rows contains it
-    assert sum("</answer>" in t for t in texts) >= 2
-    assert check_stops(model, tok, ids, am, ["</answer>"], reference) >= 2
-    # a stop string spread over several character tokens, taken from the middle of row 0's text
-    assert check_stops(model, tok, ids, am, ["nope", texts[0][5:9]], reference) >= 1
-
-
-def test_stop_string_ending_mid_token():
-    model, _ = tiny()
-    tok = PairTokenizer(model.config.vocab_size)
-    char_tok = load_tiny()[1]
-    ids, am = encode(char_tok)
-    reference = generate(model, ids, am, 30, temperature=0, eos_token_id=[]).sequences
+    reference = generate(model, ids, am, 30, temperature=0, eos_token_id=[]).sequences  # [B, P+30]
+    if pieces != "model":  # else model.py's character tokenizer itself
+        tok = PieceTokenizer({"char": char_pieces, "pair": pair_pieces}[pieces](model.config.vocab_size))
     text = tok.decode(reference[1, ids.shape[1]:].tolist())
-    stop = text[4:9]  # ends on the first character of the 5th token (characters 8-9)
-    assert check_stops(model, tok, ids, am, [stop], reference) >= 1
+    stop = text[4:9]  # pair: characters 4-8, the last is the first half of token 4
+    assert check_stops(model, tok, ids, am, ["never appears", stop], reference) >= 1
+
+
+def test_stop_string_that_is_one_token():
+    model, tok = tiny()
+    ids, am = encode(tok)
+    P = ids.shape[1]
+    reference = generate(model, ids, am, 30, temperature=0, eos_token_id=[]).sequences  # [B, P+30]
+    token = reference[2, P + 5].item()
+    pieces = char_pieces(model.config.vocab_size)
+    pieces[token] = "</answer>"
+    first = reference[2, P:].tolist().index(token)
+    tok = PieceTokenizer(pieces)
+    assert check_stops(model, tok, ids, am, ["</answer>"], reference) >= 1
+    out = generate(model, ids, am, 30, temperature=0, eos_token_id=[], stop_strings="</answer>", tokenizer=tok)
+    assert out.finish_reason[2] == "stop" and out.response_mask[2].sum() == first + 1
 
 
 def test_unsupported_architecture_raises():
