@@ -17,6 +17,7 @@ but no code relies on that: masks always come from attention masks and lengths, 
 """
 import copy
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -256,7 +257,7 @@ def smollm2_folder(gguf=None) -> Path:
     tokenizer.model_max_length = model.config.max_position_embeddings
     # Two processes (e.g. torchrun ranks) may convert at once: each writes its own temporary folder and the
     # first rename wins; the loser's rename fails because the target then exists, and it discards its copy.
-    _write_atomically(target, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)),
+    _write_atomically(target, lambda tmp: (model.save_pretrained(tmp), save_tokenizer(tokenizer, tmp)),
                       replace=False)
     print(f"[model] converted {SMOLLM2_NAME} from GGUF into {target} in {time.time() - t0:.0f} s")
     return target
@@ -349,6 +350,18 @@ def _write_atomically(out_dir, write, replace=True):
     return out
 
 
+def save_tokenizer(tokenizer, folder):
+    """tokenizer.save_pretrained, naming the class so that transformers 4 (e.g. under vLLM) loads it too:
+    transformers 5 writes "TokenizersBackend", which 4 lacks; "PreTrainedTokenizerFast" is the same
+    tokenizer.json-backed class in both (transformers 5 maps it back to TokenizersBackend)."""
+    tokenizer.save_pretrained(folder)
+    cfg_path = Path(folder, "tokenizer_config.json")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("tokenizer_class") == "TokenizersBackend":
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+
+
 def save_model(model, tokenizer, out_dir, state_dict=None):
     """Save model (+ tokenizer, generation config) to out_dir atomically. `state_dict`: e.g. a full state dict
     gathered from FSDP shards (saved instead of model.state_dict(); model then only provides the config)."""
@@ -356,7 +369,7 @@ def save_model(model, tokenizer, out_dir, state_dict=None):
         # save_pretrained edits the dict it is given (renames and drops keys): hand it a shallow copy
         model.save_pretrained(tmp, state_dict=None if state_dict is None else dict(state_dict))
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
     return _write_atomically(out_dir, write, replace=True)
 
 

@@ -1,6 +1,7 @@
 """model.py: tiny models, tokenizer round trip, log-probs against a direct computation, critic, atomic saves,
 and (slow) the SmolLM2 GGUF -> safetensors conversion giving the GGUF's logits."""
 import importlib.util
+import json
 import os
 
 import pytest
@@ -163,6 +164,7 @@ def test_save_load_round_trip(tmp_path, arch):
     tok2 = AutoTokenizer.from_pretrained(out)
     assert same_weights(loaded, model) and same(logits_of(loaded, ids, mask), logits_of(model, ids, mask))
     assert tok2.decode(tok2(TEXTS[0]).input_ids) == TEXTS[0] and tok2.pad_token_id == tok.pad_token_id
+    assert type(tok2).__name__ == "Qwen2Tokenizer"  # what transformers 5 forces on model_type qwen2 anyway
     again, tok3 = M.load_policy(str(out))
     assert tok3.padding_side == "left" and same(logits_of(again, ids, mask), logits_of(model, ids, mask))
     # overwrite in place with new weights: the folder now holds those
@@ -255,6 +257,8 @@ def test_smollm2_conversion_matches_gguf():
     model, tok = M.load_policy("smollm2-135m")
     assert (folder / "model.safetensors").exists() and getattr(model.config, "quantization_config", None) is None
     assert tok.padding_side == "left" and tok.pad_token_id != tok.eos_token_id and tok.eos_token == "<|im_end|>"
+    assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] in (
+        "PreTrainedTokenizerFast", "GPT2Tokenizer")  # a name transformers 4 (vLLM, lm-eval) knows as well
     assert model.config.pad_token_id == tok.pad_token_id and gguf_model.config.pad_token_id == tok.eos_token_id
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
                for q in ["A 23-year-old woman presents with fever and a stiff neck. Which test comes first?\n"
@@ -265,6 +269,7 @@ def test_smollm2_conversion_matches_gguf():
     # the converted model is trainable: a backward pass reaches the weights
     M.token_logprobs(model, ids[:1, -8:], mask[:1, -8:], 4).sum().backward()
     assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+    assert M.load_policy("smollm2-135m", dtype="bfloat16")[0].dtype == torch.bfloat16
 
 
 FSDP_WORKER = r'''
