@@ -54,18 +54,19 @@ TINY_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def build_char_tokenizer() -> Qwen2Tokenizer:
+def build_char_tokenizer(chars=None) -> Qwen2Tokenizer:
     """One token per character: decode(encode(s)) == s for printable ASCII, newline, tab and the tags.
 
     It is a byte-level BPE with no merges, i.e. Qwen2's tokenizer class with a 100-token vocabulary. Why that
     class: transformers 5 forces Qwen2Tokenizer on any folder whose config says model_type "qwen2" (and uses
     the class named in tokenizer_config.json otherwise), so any other tokenizer would be silently replaced on
     AutoTokenizer.from_pretrained of a saved tiny-qwen2. Characters outside the vocabulary are dropped.
+    `chars` replaces the printable-ASCII alphabet (e.g. "ABCD" for a learning test with a 12-token vocabulary).
     """
     from transformers.convert_slow_tokenizer import bytes_to_unicode
     byte_symbol = bytes_to_unicode()  # byte-level BPE spells byte b as the symbol byte_symbol[b] (space -> "Ġ")
     vocab = {tok: i for i, tok in enumerate(TINY_SPECIAL)}
-    for ch in TINY_CHARS:
+    for ch in TINY_CHARS if chars is None else chars:
         vocab[byte_symbol[ord(ch)]] = len(vocab)
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token=TINY_EOS, pad_token=TINY_PAD,
                                clean_up_tokenization_spaces=False, padding_side="left",
@@ -75,9 +76,9 @@ def build_char_tokenizer() -> Qwen2Tokenizer:
 
 
 def load_tiny(arch="qwen2", seed=0, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=None,
-              max_positions=4096, tie_embeddings=True, dtype="float32", device="cpu"):
+              max_positions=4096, tie_embeddings=True, dtype="float32", device="cpu", chars=None):
     """A random tiny Qwen2 or Llama causal LM (same seed -> same weights) and its character tokenizer."""
-    tokenizer = build_char_tokenizer()
+    tokenizer = build_char_tokenizer(chars)
     cfg_class = {"qwen2": Qwen2Config, "llama": LlamaConfig}[arch]
     config = cfg_class(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,

@@ -231,7 +231,7 @@ def _hits_stop_string(tokenizer, windows: list[list[int]], stop_strings: list[st
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_token_id=None,
              stop_strings: list[str] | str | None = None, tokenizer=None, generator: torch.Generator | None = None,
-             pad_token_id: int | None = None, compact: bool = True) -> Rollout:
+             pad_token_id: int | None = None, compact: bool = True, uniforms: torch.Tensor | None = None) -> Rollout:
     """Sample a response for each left-padded prompt. input_ids, attention_mask: [B, P].
 
     eos_token_id: an int or a list; None takes model.generation_config.eos_token_id, [] disables EOS.
@@ -239,6 +239,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_n
     completed it is kept. pad_token_id: fills the response after a row ends (default: the tokenizer's,
     then the config's, then 0). generator: a seeded torch.Generator for reproducible samples.
     compact=False keeps finished rows in the batch (as transformers does): same results, slower; for tests.
+    uniforms [B, max_new_tokens]: the sampling noise itself, in place of `generator` (the trainer draws each
+    row's from its own seed, so a row samples the same tokens whatever batch or rank it lands in).
     Returns a Rollout with T = the longest response (<= max_new_tokens).
     """
     device = input_ids.device
@@ -287,8 +289,13 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_n
     steps = 0
     for t in range(max_new_tokens):
         # One uniform per ORIGINAL row per step: a row's sample does not depend on which rows are still active.
-        uniforms = None if temperature == 0 else torch.rand(B, generator=generator, device=device)[rows]  # [b]
-        tokens, logps = sample_tokens(logits, temperature, top_k, top_p, uniforms)  # [b], [b]
+        if temperature == 0:
+            u = None
+        elif uniforms is not None:
+            u = uniforms[rows, t]  # [b]
+        else:
+            u = torch.rand(B, generator=generator, device=device)[rows]  # [b]
+        tokens, logps = sample_tokens(logits, temperature, top_k, top_p, u)  # [b], [b]
         live = ~finished  # [b]
         out_tokens[rows[live], t] = tokens[live]
         out_logprobs[rows[live], t] = logps[live]
