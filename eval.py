@@ -10,12 +10,13 @@ a batch wastes little padding (the output keeps the data set's order). Scoring d
   reward the policy was trained on; generation stops at "</answer>". Format rate = share with the
   <think>...</think><answer>...</answer> format intact.
 - direct styles (direct, direct_chat; also what an SFT model is evaluated with): the letter is read from the
-  plain answer with verifier.extract_letter. There is no format to keep, so "format rate" here means the
-  share of responses in which a valid option letter was found.
-- cot: the letter is read from the tail that starts at the last "answer is" ("... The answer is C."), or
-  from the last line if the response never says it; format rate as for direct.
+  plain answer (its first non-empty line) with verifier.extract_letter. There is no format to keep, so
+  "format rate" here means the share of responses in which a valid option letter was found.
+- cot: the letter is read from the first line tail starting "answer is" that names one ("... The answer is
+  C."); format rate as for direct.
 
-Per data set: accuracy, format rate, share with no valid letter, the standard deviation of accuracy over
+Per data set: accuracy, format rate, share with no valid letter (for r1 styles format failures count here
+too: their answer is not read), mean reward, the standard deviation of accuracy over
 BOOTSTRAP_RESAMPLES seeded bootstrap resamples (the study's error bars), n; and accuracy by MedQA step and
 by MMLU-Pro source subject (any record meta key in BREAKDOWN_KEYS). Writes OUT/results.json (config,
 metrics, breakdowns) and OUT/predictions.jsonl (one line per question), and prints a markdown table.
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import checkpoint
 import data
 import model as model_lib
 import rollout
@@ -38,6 +40,8 @@ import verifier
 R1_STYLES = {"r1", "r1_think", "r1_chat"}
 STOP_STRING = "</answer>"           # an r1 response is over once its answer is closed
 BOOTSTRAP_RESAMPLES = 1000          # as in the study
+MAX_NEW_TOKENS = 512                # r1 and cot responses: reasoning, then the answer
+DIRECT_MAX_NEW_TOKENS = 32          # direct answers: a letter, perhaps with the option's text
 BREAKDOWN_KEYS = ("step", "subject")  # record["meta"] keys to break accuracy down by, where present
 
 
@@ -49,11 +53,15 @@ def score(response: str, record: dict, style: str) -> dict:
     gold, options = record["answer"], record["options"]
     if style in R1_STYLES:
         return verifier.verify(data.PROMPT_PREFILL.get(style, "") + response, gold, options)
-    text = response
     if style.startswith("cot"):
-        i = response.lower().rfind("answer is")
-        text = response[i:] if i >= 0 else (response.strip().splitlines() or [""])[-1]
-    pred = verifier.extract_letter(text, options)
+        # The first "answer is ..." line that names a letter: a base model may go on to invent a next question.
+        lower, pred, i = response.lower(), None, -1
+        while pred is None and (i := lower.find("answer is", i + 1)) >= 0:
+            pred = verifier.extract_letter(response[i:].split("\n")[0], options)
+    else:
+        # Direct: the answer is the first non-empty line (" B", "B. Ketotifen eye drops"); whatever follows
+        # (an invented next question) is not read.
+        pred = verifier.extract_letter(next((s for s in response.splitlines() if s.strip()), ""), options)
     correct = pred is not None and pred == gold
     # No format to keep: format_ok means "a valid letter was found" (see the module docstring).
     return {"reward": float(correct), "format_ok": pred is not None, "pred": pred, "correct": correct}
@@ -106,6 +114,18 @@ def breakdowns(preds: list[dict], seed: int = 0) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # Generation
 
+def resolve_model(name_or_path: str) -> str:
+    """A training run folder (RUN, RUN/checkpoints or RUN/checkpoints/step_N) means its newest policy;
+    anything else (a Hugging Face folder or name, smollm2-135m, tiny-qwen2) goes to model.load_policy as is."""
+    path = Path(name_or_path)
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    steps = checkpoint.list_checkpoints(path)
+    if steps:
+        path = steps[-1]
+    return str(path / "policy") if (path / "policy").is_dir() else name_or_path
+
+
 @torch.no_grad()
 def predict(policy, tokenizer, records: list[dict], style: str, batch_size: int, max_new_tokens: int,
             device: str, desc: str = "") -> list[dict]:
@@ -116,6 +136,7 @@ def predict(policy, tokenizer, records: list[dict], style: str, batch_size: int,
     stop = [STOP_STRING] if style in R1_STYLES else None
     responses: list[str | None] = [None] * len(prompts)
     finish: list[str | None] = [None] * len(prompts)
+    n_generated = [0] * len(prompts)
     bar = tqdm(total=len(prompts), desc=desc, unit="q", file=sys.stderr)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
@@ -125,21 +146,19 @@ def predict(policy, tokenizer, records: list[dict], style: str, batch_size: int,
                                tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id)
         response_ids = out.sequences[:, input_ids.shape[1]:]  # [B, T]
         for row, i in enumerate(batch):
-            n_tokens = int(out.response_mask[row].sum())
-            if out.finish_reason[row] == "eos":
-                n_tokens -= 1  # the EOS token is not part of the answer
-            # Keep special tokens: <think> and <answer> are special tokens in some tokenizers.
-            responses[i] = tokenizer.decode(response_ids[row, :n_tokens].tolist(), skip_special_tokens=False)
+            n_generated[i] = int(out.response_mask[row].sum())
+            # As train_ppo.py decodes for the verifier: EOS and padding dropped (left after </answer> they
+            # would break the format); the tags are ordinary added tokens, so they stay.
+            responses[i] = tokenizer.decode(response_ids[row, :n_generated[i]].tolist(), skip_special_tokens=True)
             finish[i] = out.finish_reason[row]
         bar.update(len(batch))
     bar.close()
     preds = []
-    for r, prompt, response, fin in zip(records, prompts, responses, finish):
+    for r, prompt, response, fin, n_tok in zip(records, prompts, responses, finish, n_generated):
         v = score(response, r, style)
-        preds.append({"id": r["id"], "prompt": prompt, "response": response, "pred": v["pred"],
-                      "gold": r["answer"], "reward": v["reward"], "correct": bool(v["correct"]),
-                      "format_ok": bool(v["format_ok"]), "finish_reason": fin, "meta": r.get("meta", {}),
-                      "verify": {k: val for k, val in v.items() if k not in ("pred", "reward", "correct", "format_ok")}})
+        preds.append({"id": r["id"], "prompt": prompt, "response": response, "pred": v["pred"], "gold": r["answer"],
+                      **v, "correct": bool(v["correct"]), "format_ok": bool(v["format_ok"]),
+                      "finish_reason": fin, "response_tokens": n_tok, "meta": r.get("meta", {})})
     return preds
 
 
@@ -222,14 +241,16 @@ def compare_plot(run_dirs: list[str], path: str) -> bool:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="smollm2-135m", help="HF folder or name, a checkpoint, smollm2-135m, tiny-qwen2")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="HF folder or name, smollm2-135m, tiny-qwen2, or a train_ppo.py run / checkpoint folder")
     p.add_argument("--data", nargs="+", default=["medqa_test", "mmlu_pro_health"], help="data.load_dataset names or paths")
     p.add_argument("--prompt", default="r1_chat", help="r1 | r1_think | r1_chat | direct | direct_chat | cot")
     p.add_argument("--out", help="output folder for results.json and predictions.jsonl")
     p.add_argument("--data_dir", default=None, help="benchmark folder (default: env MEDRLVR_DATA)")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions of each set")
     p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--max_new_tokens", type=int, default=512)
+    p.add_argument("--max_new_tokens", type=int, default=None,
+                   help=f"default {MAX_NEW_TOKENS} ({DIRECT_MAX_NEW_TOKENS} for direct styles: the answer is a letter)")
     p.add_argument("--seed", type=int, default=0, help="seeds the bootstrap (decoding is greedy)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
@@ -250,21 +271,29 @@ def main(argv=None) -> None:
                   else "matplotlib is not installed: no plot (pip install matplotlib)")
         return
     torch.manual_seed(args.seed)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = DIRECT_MAX_NEW_TOKENS if args.prompt.startswith("direct") else MAX_NEW_TOKENS
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    policy, tokenizer = model_lib.load_policy(args.model, dtype=args.dtype, device=args.device)
+    args.model_path = resolve_model(args.model)
+    policy, tokenizer = model_lib.load_policy(args.model_path, dtype=args.dtype, device=args.device)
     policy.eval()
     results = {"config": {**{k: v for k, v in vars(args).items() if k not in ("compare", "plot")},
                           "bootstrap_resamples": BOOTSTRAP_RESAMPLES}, "sets": {}}
     with open(out / "predictions.jsonl", "w") as f:
         for name in args.data:
-            records = data.load_dataset(name, args.data_dir)[:args.limit]
+            try:
+                records = data.load_dataset(name, args.data_dir)[:args.limit]
+            except data.DataError as e:
+                sys.exit(f"eval.py: {e}")
+            t_set = time.time()
             preds = predict(policy, tokenizer, records, args.prompt, args.batch_size, args.max_new_tokens,
                             args.device, desc=name)
             for p in preds:
                 f.write(json.dumps({"data": name, **p}) + "\n")
-            results["sets"][name] = {**metrics(preds, args.seed), **breakdowns(preds, args.seed)}
+            results["sets"][name] = {**metrics(preds, args.seed), "seconds": round(time.time() - t_set, 1),
+                                     **breakdowns(preds, args.seed)}
     results["config"]["seconds"] = round(time.time() - t0, 1)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(results_table(results))

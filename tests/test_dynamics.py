@@ -21,6 +21,14 @@ GALL_STEPS = ("Step 1: the patient has colicky right upper quadrant pain after f
               "cholangitis. Step 4: the gallbladder contracts against a blocked outlet. ")
 
 
+def has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
 def stage(response, gold, options):
     return classify(verify(response, gold, options), response, options)
 
@@ -99,6 +107,7 @@ def test_step_report_exact_shares(tmp_path):
                                 "answer_in_think": False, "reasoning_outside_think": False, "template_copy": False,
                                 "response_tokens": n_tok, "prompt_style": style}) + "\n")
     dynamics.main([str(tmp_path)])
+    assert (tmp_path / "dynamics.png").exists() == has_matplotlib()
     report = json.loads((tmp_path / "dynamics.json").read_text())["steps"]
     assert [r["step"] for r in report] == [0, 1]
     s0, s1 = report

@@ -95,3 +95,35 @@ def test_eval_end_to_end_tiny_model(tmp_path):
     from data import load_dataset
     assert [p["id"] for p in preds] == [r["id"] for r in load_dataset("medqa_test")[:8]]  # order restored
     assert set(m["by_step"]) <= {"step1", "step2&3"} and sum(g["n"] for g in m["by_step"].values()) == 8
+
+
+def test_compare_plot_optional(tmp_path, monkeypatch):
+    """With matplotlib: a PNG. Without it (simulated): no plot, no error."""
+    write_run(tmp_path / "a", "r1", {"medqa_test": (0.3, 0.01), "mmlu_pro_health": (0.2, 0.02)})
+    write_run(tmp_path / "b", "direct", {"medqa_test": (0.4, 0.01)})
+    dirs = [str(tmp_path / "a"), str(tmp_path / "b")]
+    try:
+        import matplotlib  # noqa: F401
+        assert ev.compare_plot(dirs, str(tmp_path / "c.png")) and (tmp_path / "c.png").stat().st_size > 1000
+    except ImportError:
+        pass
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import now raises ImportError
+    assert ev.compare_plot(dirs, str(tmp_path / "d.png")) is False and not (tmp_path / "d.png").exists()
+
+
+def test_score_reads_only_the_answer_not_an_invented_continuation():
+    s = ev.score(" B\n\nQuestion: A 45-year-old man ...\nA. x\nB. y\nAnswer: C", RECORD, "direct")
+    assert s["pred"] == "B"
+    s = ev.score("The answer is not obvious. Itching means allergy. The answer is B.\nQuestion: ... The answer is C.",
+                 RECORD, "cot")
+    assert s["pred"] == "B"
+
+
+def test_resolve_model_finds_the_newest_policy_of_a_run(tmp_path):
+    for step in (2, 10):
+        (tmp_path / "run" / "checkpoints" / f"step_{step:06d}" / "policy").mkdir(parents=True)
+    newest = str(tmp_path / "run" / "checkpoints" / "step_000010" / "policy")
+    assert ev.resolve_model(str(tmp_path / "run")) == newest
+    assert ev.resolve_model(str(tmp_path / "run" / "checkpoints")) == newest
+    assert ev.resolve_model(str(tmp_path / "run" / "checkpoints" / "step_000002")).endswith("step_000002/policy")
+    assert ev.resolve_model("smollm2-135m") == "smollm2-135m"
