@@ -272,8 +272,8 @@ def make_experience(cfg, step, recs, texts, positions, policy, ref, critic, tok,
         if fault("nan_reward", step) and i == 0:
             v["reward"] = float("nan")
         scores.append(v["reward"])
-        rows.append({"step": step, "id": rec["id"], "prompt": texts[i // n], "response": cfg.prefill + text,
-                     "gold": rec["answer"], "options": rec["options"], "prompt_style": cfg.prompt_style,
+        rows.append({"step": step, "row": positions[i // n] * n + i % n, "id": rec["id"], "prompt": texts[i // n],
+                     "response": cfg.prefill + text, "gold": rec["answer"], "options": rec["options"], "prompt_style": cfg.prompt_style,
                      "response_tokens": lengths[i], "finish_reason": finish[i],
                      **{k: v[k] for k in ("reward", "pred", "correct", "format_ok", "answer_in_think",
                                           "reasoning_outside_think", "template_copy", "think_chars", "answer_chars")}})
@@ -576,7 +576,7 @@ def main(argv=None):
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             with open(out / "rollouts.jsonl", "a") as f:
-                f.writelines(json.dumps(r) + "\n" for part in all_rows for r in part)
+                f.writelines(json.dumps(r) + "\n" for r in sorted(sum(all_rows, []), key=lambda r: r["row"]))
             bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}",
                             fmt=f"{metrics['format_rate']:.2f}", tmpl=f"{metrics['template_copy_rate']:.2f}",
                             len=f"{metrics['response_tokens']:.0f}")
