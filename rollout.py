@@ -6,8 +6,9 @@ and why each row stopped. PPO reuses those log-probs as `old_logprobs`, so they 
 forward pass over the final sequences gives (fp32: within 1e-5; tests/test_rollout.py checks it).
 
 How it works, and why it is faster than transformers' `generate` on RL workloads:
-1. One prefill over the left-padded prompts, position ids = cumsum(mask) - 1 (as model.py's
-   `position_ids_from_mask`), padding keys masked out.
+1. Prefill: the prompts' real tokens, grouped by length (identical prompts run once), so no padding is
+   computed; position ids = cumsum(mask) - 1 (model.py's `position_ids_from_mask`); each row's tokens land
+   right-aligned in the cache (slots P-n .. P-1), its padding slots are masked out afterwards.
 2. Then one token per step, with a KV cache PREALLOCATED at [B, kv_heads, P + max_new_tokens, head_dim]
    per layer and written in place. transformers' DynamicCache grows every layer's K and V with torch.cat at
    every step, copying the whole cache (24% of a decode step on SmolLM2 in the issue's profile).
@@ -34,8 +35,10 @@ transformers' `generate`.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -107,6 +110,9 @@ def _check_supported(model, total_len: int) -> None:
         raise NotImplementedError(
             f"rollout.generate writes the decoder by hand for {SUPPORTED_MODEL_TYPES}; got model_type="
             f"{cfg.model_type!r}. Add its layer to rollout._layer_step (or sample with model.generate).")
+    if type(model.model.embed_tokens.weight).__name__ == "DTensor":
+        raise RuntimeError("the model's parameters are FSDP2 shards: gather them first (unshard() every FSDP "
+                           "module, e.g. with distributed.gathered(model)), then call generate")
     window = getattr(cfg, "sliding_window", None)
     if window and total_len > window:
         raise NotImplementedError(f"sliding-window attention (window {window} < {total_len} tokens) is not implemented")
@@ -284,6 +290,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_n
     key_ok = torch.arange(S_max, device=device)[None, :] >= (P - n_real)[:, None]  # [B, S_max]
     rows = torch.arange(B, device=device)  # [b] original row held by each active slot
     next_pos = n_real.clone()  # [b] position id of the next token
+    prompt_len = n_real.clone()  # [b] real prompt tokens of each active slot
     finished = torch.zeros(B, dtype=torch.bool, device=device)  # [b] slot is done (only kept when compact=False)
     b = B
     steps = 0
@@ -319,17 +326,19 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_n
         if ended.any():
             finished = finished | ended
             if compact:
-                b = _compact(finished, b, cache, rows, next_pos, key_ok, tokens, P + t)
-                rows, next_pos, tokens = rows[:b], next_pos[:b], tokens[:b]
+                b = _compact(finished, b, cache, key_ok, (rows, next_pos, prompt_len, tokens), P + t)
+                rows, next_pos, prompt_len, tokens = rows[:b], next_pos[:b], prompt_len[:b], tokens[:b]
                 finished = finished[:b]
             if b == 0 or bool(finished.all()):
                 break
 
-        # Decode one token for every active slot: it goes to cache slot P + t.
-        n = P + t + 1
-        step_cache = [(k[:b], v[:b]) for k, v in cache]  # views of the active rows
-        mask = key_ok[:b, None, None, :n]  # [b, 1, 1, n]
-        logits = _forward_last(model, tokens[:, None], next_pos[:, None], step_cache, P + t, mask)  # [b, V]
+        # Decode one token for every active slot: it goes to cache slot P + t. Attention reads slots
+        # lo .. P+t, where lo skips the left padding that all active rows share (it grows when the rows
+        # with the longest prompts have left).
+        lo = P - int(prompt_len.max())
+        step_cache = [(k[:b, :, lo:], v[:b, :, lo:]) for k, v in cache]  # views: active rows, from slot lo
+        mask = key_ok[:b, None, None, lo:P + t + 1]  # [b, 1, 1, P+t+1-lo]
+        logits = _forward_last(model, tokens[:, None], next_pos[:, None], step_cache, P + t - lo, mask)  # [b, V]
         next_pos = next_pos + 1
 
     T = steps
@@ -341,12 +350,12 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_n
                    finish_reason=finish_reason)
 
 
-def _compact(finished, b, cache, rows, next_pos, key_ok, tokens, n_filled) -> int:
+def _compact(finished, b, cache, key_ok, per_slot, n_filled) -> int:
     """Remove finished slots from the active batch in place; returns the new batch size.
 
     Each hole among the first b_new slots is filled by a live slot from beyond b_new (swap-remove), so
     only len(holes) rows of the cache are copied, and only their n_filled written slots.
-    finished: [b] bool; rows, next_pos, tokens: [b]; key_ok: [B, S_max]; cache K/V: [B, KV, S_max, d].
+    finished: [b] bool; per_slot: tensors [b] (moved like the cache); key_ok: [B, S_max]; cache K/V: [B, KV, S_max, d].
     """
     b_new = int((~finished).sum())
     holes = finished[:b_new].nonzero()[:, 0]  # [m] finished slots that stay inside the new batch
@@ -355,7 +364,61 @@ def _compact(finished, b, cache, rows, next_pos, key_ok, tokens, n_filled) -> in
         for k, v in cache:
             k[holes, :, :n_filled] = k[movers, :, :n_filled]
             v[holes, :, :n_filled] = v[movers, :, :n_filled]
-        for x in (rows, next_pos, tokens, finished):
+        for x in (*per_slot, finished):
             x[holes] = x[movers]
         key_ok[holes] = key_ok[movers]
     return b_new
+
+
+# ---------------------------------------------------------------------------------------------------
+# Demo: sample answers to a few MedQA questions and score them (python rollout.py --help)
+# ---------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Sample answers to MedQA questions with rollout.generate and score them "
+                                "with the verifier. --bench instead runs bench/rollout_bench.py (see its --help).")
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny-qwen2, tiny-llama or an HF folder")
+    p.add_argument("--data", default="medqa_dev", help="a data.py dataset name or a file")
+    p.add_argument("--data_dir", default=None, help="default: $MEDRLVR_DATA, else ../shared/data beside the repo")
+    p.add_argument("--n", type=int, default=4, help="questions")
+    p.add_argument("--samples", type=int, default=1, help="responses per question")
+    p.add_argument("--style", default="r1_chat", help="data.py prompt style")
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bench", action="store_true", help="run the benchmark; other flags go to it")
+    args, rest = p.parse_known_args(argv)
+    if args.bench:
+        from bench.rollout_bench import main as bench_main
+        return bench_main(rest)
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    from data import PROMPT_PREFILL, build_prompt, load_dataset, tokenize_prompts
+    from model import load_policy
+    from verifier import verify
+
+    model, tok = load_policy(args.model)
+    shared = Path(__file__).resolve().parent.parent / "shared" / "data"
+    data_dir = args.data_dir or os.environ.get("MEDRLVR_DATA") or (str(shared) if shared.is_dir() else None)
+    records = [r for r in load_dataset(args.data, data_dir)[:args.n] for _ in range(args.samples)]
+    ids, mask, _, _ = tokenize_prompts(tok, [build_prompt(r, args.style, tok) for r in records], None)
+    start = time.perf_counter()
+    out = generate(model, ids, mask, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   top_k=args.top_k, stop_strings=["</answer>"], tokenizer=tok, pad_token_id=tok.pad_token_id,
+                   generator=torch.Generator().manual_seed(args.seed))
+    seconds = time.perf_counter() - start
+    P = ids.shape[1]
+    rewards = []
+    for i, record in enumerate(records):
+        length = int(out.response_mask[i].sum())
+        response = PROMPT_PREFILL[args.style] + tok.decode(out.sequences[i, P:P + length], skip_special_tokens=True)
+        result = verify(response, record["answer"], record["options"])  # the verifier sees the prefill too
+        rewards.append(result["reward"])
+        print(f"=== {record['id']}  gold {record['answer']}  pred {result['pred']}  reward {result['reward']:+.0f}"
+              f"  ({length} tokens, {out.finish_reason[i]})\n{response}")
+    print(f"\n{int(out.response_mask.sum())} tokens in {seconds:.1f} s, mean reward {sum(rewards) / len(rewards):+.2f}")
+
+if __name__ == "__main__":
+    main()

@@ -113,6 +113,21 @@ def test_same_seed_same_samples_different_seed_different():
     assert not torch.equal(sample(3), sample(4))
 
 
+def test_given_uniforms_a_row_samples_the_same_in_any_batch():
+    """With per-row noise `uniforms` [B, T], a row's response does not depend on the other rows in its batch."""
+    model, tok = tiny(scale=2.0)
+    ids, am = encode(tok)
+    noise = torch.rand(len(PROMPTS), 32, generator=torch.Generator().manual_seed(5))  # [B, T]
+    full = generate(model, ids, am, 32, eos_token_id=tok.eos_token_id, uniforms=noise)
+    pick = [4, 1]
+    sub_ids, sub_am = encode(tok, [PROMPTS[i] for i in pick])  # a narrower padding width, too
+    part = generate(model, sub_ids, sub_am, 32, eos_token_id=tok.eos_token_id, uniforms=noise[pick])
+    for j, i in enumerate(pick):
+        n = int(full.response_mask[i].sum())
+        assert int(part.response_mask[j].sum()) == n
+        assert torch.equal(part.sequences[j, sub_ids.shape[1]:][:n], full.sequences[i, ids.shape[1]:][:n])
+
+
 def test_compaction_does_not_change_results():
     model, tok = tiny(scale=3.0)
     ids, am = encode(tok)
@@ -247,3 +262,28 @@ def test_unsupported_architecture_raises():
     model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50))
     with pytest.raises(NotImplementedError, match="gpt2"):
         generate(model, torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long), 2)
+
+
+def test_runs_on_fsdp2_model_gathered_with_unshard(tmp_path):
+    """FSDP2 (one gloo process): after unshard() the submodules hold plain tensors and generate works on them."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    model, tok = tiny(scale=3.0)
+    sharded, _ = tiny(scale=3.0)
+    ids, am = encode(tok)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        for layer in sharded.model.layers:
+            fully_shard(layer)
+        fully_shard(sharded)
+        units = [m for m in sharded.modules() if isinstance(m, FSDPModule)]
+        for u in units:
+            u.unshard()
+        outs = [generate(m, ids, am, 24, temperature=1.0, eos_token_id=tok.eos_token_id,
+                         generator=torch.Generator().manual_seed(0)) for m in (sharded, model)]
+        for u in units:
+            u.reshard()
+    finally:
+        dist.destroy_process_group()
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    assert torch.allclose(outs[0].logprobs, outs[1].logprobs, atol=1e-6)

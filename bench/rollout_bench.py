@@ -1,0 +1,169 @@
+"""Benchmark: useful generated tokens per second, rollout.generate against transformers' model.generate.
+
+Both sample with the same settings (do_sample, temperature 1, top-p 1, no top-k) from the same prompts
+with the same max_new_tokens and the same stopping rule. "Useful" tokens are those up to and including
+the one that ended each row (EOS, a stop string, or the length limit): what RL trains on. Padding that
+`generate` keeps computing for rows that already ended does not count.
+
+Workloads (pick with --workloads):
+  smollm2-b8, smollm2-b32  SmolLM2-135M-Instruct (model.py's load_policy("smollm2-135m")), fp32, the first
+                           8 / 32 MedQA dev questions as r1_chat prompts, stop at "</answer>" or EOS.
+  random-b32               a random Qwen2 (hidden 256, 4 layers) with the ~100-token character vocabulary
+                           of model.py, EOS in it, temperature 1: rows end at very different lengths.
+
+  python rollout.py --bench                              # all three, 256 new tokens (~5 min on 2 cores)
+  python bench/rollout_bench.py --workloads random-b32 --threads 1
+Timings are noisy on a shared machine: compare ours and transformers within one run (they alternate).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's flat modules
+
+import torch  # noqa: E402
+from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
+
+import rollout  # noqa: E402
+
+WORKLOADS = {  # name -> (model, batch)
+    "smollm2-b8": ("smollm2-135m", 8),
+    "smollm2-b32": ("smollm2-135m", 32),
+    "random-b32": ("random", 32),
+}
+STOP = ["</answer>"]
+
+
+class StepClock(LogitsProcessor):
+    """Notes the time at every decoding step of model.generate (it runs once per step, after the forward)."""
+
+    def __init__(self):
+        self.times = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def load(model_name: str, batch: int):
+    """(model, tokenizer, input_ids [B, P], attention_mask [B, P], stop strings) for one workload."""
+    from model import load_policy, load_tiny
+    if model_name == "random":
+        model, tok = load_tiny("qwen2", seed=0, hidden=256, layers=4, heads=8, kv_heads=4)
+        prompts = [f"Question {i}: " + "the patient presents with fever " * (1 + i % 4) for i in range(batch)]
+        enc = tok(prompts, return_tensors="pt", padding=True)
+        return model, tok, enc["input_ids"], enc["attention_mask"], None
+    from data import build_prompt, load_dataset, tokenize_prompts
+    model, tok = load_policy(model_name)
+    shared = Path(__file__).resolve().parent.parent.parent / "shared" / "data"  # ../shared/data beside the repo
+    data_dir = os.environ.get("MEDRLVR_DATA") or (str(shared) if shared.is_dir() else None)
+    records = load_dataset("medqa_dev", data_dir)[:batch]
+    ids, mask, _, _ = tokenize_prompts(tok, [build_prompt(r, "r1_chat", tok) for r in records], None)
+    return model, tok, ids, mask, STOP
+
+
+def eos_ids(model, tok) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    return eos or [tok.eos_token_id]
+
+
+def useful_lengths(responses: torch.Tensor, eos: list[int], stops, tok) -> list[int]:
+    """Per row of responses [B, T]: tokens up to and including the first EOS or stop-string end, else T."""
+    lengths = []
+    for row in responses.tolist():
+        n = len(row)
+        for k, token in enumerate(row):
+            tail = row[max(0, k + 1 - 12):k + 1]
+            if token in eos or (stops and any(s in tok.decode(tail) for s in stops)):
+                n = k + 1
+                break
+        lengths.append(n)
+    return lengths
+
+
+def run_ours(model, tok, ids, mask, max_new, stops, seed):
+    prefill_done = []
+    inner = rollout._prefill
+
+    def timed_prefill(*args):  # wrap rollout's prefill to split prefill and decode time
+        out = inner(*args)
+        prefill_done.append(time.perf_counter())
+        return out
+
+    rollout._prefill = timed_prefill
+    try:
+        start = time.perf_counter()
+        out = rollout.generate(model, ids, mask, max_new, temperature=1.0, top_p=1.0, top_k=0,
+                               eos_token_id=eos_ids(model, tok), stop_strings=stops, tokenizer=tok,
+                               generator=torch.Generator().manual_seed(seed), pad_token_id=tok.pad_token_id)
+        end = time.perf_counter()
+    finally:
+        rollout._prefill = inner
+    steps = out.response_mask.shape[1]
+    return dict(steps=steps, useful=int(out.response_mask.sum()), wall=end - start,
+                prefill=prefill_done[0] - start, step_ms=1000 * (end - prefill_done[0]) / max(steps - 1, 1))
+
+
+def run_transformers(model, tok, ids, mask, max_new, stops, seed):
+    clock = StepClock()
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    seqs = model.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                          max_new_tokens=max_new, eos_token_id=eos_ids(model, tok), pad_token_id=tok.pad_token_id,
+                          stop_strings=stops, tokenizer=tok if stops else None,
+                          logits_processor=LogitsProcessorList([clock]))
+    end = time.perf_counter()
+    responses = seqs[:, ids.shape[1]:]  # [B, T]
+    steps = responses.shape[1]
+    useful = sum(useful_lengths(responses, eos_ids(model, tok), stops, tok))
+    return dict(steps=steps, useful=useful, wall=end - start, prefill=clock.times[0] - start,
+                step_ms=1000 * (end - clock.times[0]) / max(steps - 1, 1))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=1, help="runs of each; the table keeps each one's best")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cpus, load average {os.getloadavg()[0]:.2f} at start", flush=True)
+    rows = []
+    for name in args.workloads:
+        model_name, batch = WORKLOADS[name]
+        model, tok, ids, mask, stops = load(model_name, batch)
+        # warm up both paths on two prompts, so neither pays first-call costs in the timed run
+        for run in (run_ours, run_transformers):
+            run(model, tok, ids[:2], mask[:2], 4, stops, args.seed)
+        best = {}
+        for _ in range(args.repeats):
+            for impl, run in (("transformers", run_transformers), ("ours", run_ours)):
+                r = run(model, tok, ids, mask, args.max_new_tokens, stops, args.seed)
+                r["tok_s"] = r["useful"] / r["wall"]
+                if impl not in best or r["tok_s"] > best[impl]["tok_s"]:
+                    best[impl] = r
+                print(f"  {name} {impl}: {r}", file=sys.stderr, flush=True)
+        for impl in ("transformers", "ours"):
+            r = best[impl]
+            ratio = r["tok_s"] / best["transformers"]["tok_s"]
+            rows.append(f"| {name} | {impl} | {batch} | {ids.shape[1]} | {r['steps']} | {r['useful']} | "
+                        f"{r['wall']:.1f} | {r['prefill']:.1f} | {r['step_ms']:.1f} | {r['tok_s']:.1f} | {ratio:.2f}x |")
+    print(f"\nmax_new_tokens {args.max_new_tokens}, load average {os.getloadavg()[0]:.2f} at end\n")
+    print("| workload | impl | batch | prompt len (padded) | decode steps | useful tokens | wall s | prefill s "
+          "| decode ms/step | useful tok/s | vs transformers |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
