@@ -604,5 +604,15 @@ def main(argv=None):
     D.cleanup()
 
 
+def cli(argv=None):
+    """The command line: what the user can fix (a malformed data file, a checkpoint that fails its manifest
+    check, a disk that cannot be written) ends the run with its message and exit code 1, not a traceback
+    from deep inside. main() itself raises, for callers that want the exception."""
+    try:
+        main(argv)
+    except (data.DataError, C.CheckpointError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 if __name__ == "__main__":
-    main()
+    cli()
