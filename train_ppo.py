@@ -74,6 +74,7 @@ class Config:
     wrong_reward: float = arg(0.0, "reward for a well-formed wrong answer (study: 0; its ablation: -1)")
     correct_reward: float = arg(1.0, "reward for the right letter (study: +1)")
     strict_format: bool = arg(False, "refuse text before <think> (the study's validator allowed it)")
+    penalize_template_copy: bool = arg(False, "score a copy of the prompt's placeholders ('reasoning process here') as a broken format")
     # --- advantages and KL
     advantage: str = arg("gae", "gae (PPO with a critic, the study) | grpo | drgrpo | rloo (critic-free)")
     gamma: float = arg(1.0, "discount (OpenRLHF 1.0)")
@@ -119,10 +120,10 @@ PRESETS = {
     # SmolLM2-135M-Instruct on CPU: the chat template with "<think>" prefilled gets some tagged answers at
     # step 0 (the bare study prompt gets none: every reward -1, nothing to learn); see README for the curve.
     "demo": dict(model="smollm2-135m", train_data="medqa_dev", prompt_style="r1_chat", shuffle_options=True,
-                 rollout_batch_size=8, n_samples_per_prompt=4, max_new_tokens=160, train_batch_size=16,
-                 micro_batch_size=8, generate_batch_size=32, actor_lr=2e-6, critic_lr=2e-5, warmup_ratio=0.0,
-                 kl_coef=0.01, max_steps=30, save_every=10, device="cpu", dtype="float32",
-                 gradient_checkpointing=False, out_dir="runs/demo"),
+                 max_prompt_tokens=300, rollout_batch_size=8, n_samples_per_prompt=4, max_new_tokens=128,
+                 train_batch_size=32, micro_batch_size=8, generate_batch_size=32, actor_lr=1e-5, critic_lr=1e-5,
+                 warmup_ratio=0.0, kl_coef=0.01, penalize_template_copy=True, max_steps=20, save_every=10,
+                 device="cpu", dtype="float32", gradient_checkpointing=False, out_dir="runs/demo"),
     # a tiny random model, a few steps, a checkpoint after each: the test suite's end-to-end run.
     "smoke": dict(model="tiny-qwen2", train_data="medqa_dev", prompt_style="r1", rollout_batch_size=4,
                   n_samples_per_prompt=2, max_new_tokens=16, max_prompt_tokens=4096, train_batch_size=4,
@@ -269,6 +270,8 @@ def make_experience(cfg, step, recs, texts, positions, policy, ref, critic, tok,
         v = verifier.verify(prefill + text, rec["answer"], rec["options"], strict=cfg.strict_format,
                             format_reward=cfg.format_reward, wrong_reward=cfg.wrong_reward,
                             correct_reward=cfg.correct_reward)
+        if cfg.penalize_template_copy and v["template_copy"]:  # a small model's first hack: see README, demo
+            v["reward"], v["format_ok"], v["correct"] = cfg.format_reward, False, False
         if fault("nan_reward", step) and i == 0:
             v["reward"] = float("nan")
         scores.append(v["reward"])
