@@ -66,32 +66,37 @@ def writing(root, step: int, meta: dict, keep_last: int = 0):
     removed, the previous checkpoints are untouched, and a CheckpointError says what happened.
     """
     import torch
+    from torch.distributed.checkpoint.api import CheckpointException as DcpError  # a BaseException, not an Exception
     root = Path(root)
     final = root / f"step_{step:06d}"
-    tmp = None
+    tmp, problem = None, None
     if _rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob("step_*.tmp-*"):  # leftovers of a run killed mid-save
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = root / f"{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-    tmp = Path(D.broadcast_object(str(tmp) if tmp else None))
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob("step_*.tmp-*"):  # leftovers of a run killed mid-save
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp = root / f"{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()
+        except OSError as e:  # a read-only disk, a file where the folder should be: every rank must hear of it
+            problem = _cannot_write(final, e)
+    tmp, problem = D.broadcast_object((str(tmp) if tmp else None, problem))
+    if problem:
+        raise CheckpointError(problem)
+    tmp = Path(tmp)
     err = None
     try:
         yield tmp
-    except Exception as e:  # noqa: BLE001 - re-raised below, after every rank agreed
-        err = e
+    except (Exception, DcpError) as e:  # noqa: BLE001 - reported below, after every rank agreed
+        err = e  # OSError, safetensors' SafetensorError, dcp's DcpError around torch.save's RuntimeError, ...
     # every rank must have written its part before rank 0 publishes the folder
     failed = D.all_reduce_sum(torch.tensor([1.0 if err is not None else 0.0])).item() > 0
     if failed:
+        problem = _cannot_write(final, err) if err is not None else \
+            f"another rank failed while writing checkpoint {final}; the previous checkpoints are intact"
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         D.barrier()
-        if isinstance(err, OSError):
-            raise CheckpointError(f"could not write checkpoint {final}: {err}; the previous checkpoints are intact") from err
-        if err is not None:
-            raise err
-        raise CheckpointError(f"another rank failed while writing checkpoint {final}; the previous checkpoints are intact")
+        raise CheckpointError(problem) from err
     try:
         if _rank() == 0:
             _fsync_tree(tmp)
@@ -110,11 +115,24 @@ def writing(root, step: int, meta: dict, keep_last: int = 0):
                 for old in list_checkpoints(root)[:-keep_last]:
                     shutil.rmtree(old, ignore_errors=True)
     except OSError as e:  # disk full, read-only folder, ...: say so, keep the previous checkpoint
+        problem = _cannot_write(final, e)
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not write checkpoint {final}: {e}; the previous checkpoints are intact") from e
+        raise CheckpointError(problem) from e
     finally:
         D.barrier()
+
+
+def _cannot_write(final: Path, err: BaseException) -> str:
+    """One line: the checkpoint, the error underneath, and the free space there, measured before the partial
+    folder is removed (a full disk is the usual cause, and torch.save says it as "unexpected pos 704 vs 598")."""
+    errors = [e for e, _ in err.failures.values()] if hasattr(err, "failures") else [err]  # dcp: one per rank
+    what = " ".join("; ".join(str(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}" for e in errors).split())
+    try:
+        free = f" ({shutil.disk_usage(final.parent).free / 2 ** 20:.1f} MiB free there)"
+    except OSError:
+        free = ""
+    return f"could not write checkpoint {final}: {what}{free}; the previous checkpoints are intact"
 
 
 def _rank() -> int:
