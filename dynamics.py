@@ -10,7 +10,8 @@ RUN_DIR/dynamics.png: a figure like the study's Figure 2 (accuracy and length ov
 band behind each step in the colour of its most common stage).
 
 The rules. Every response is scored again with verifier.verify(PROMPT_PREFILL[style] + response, gold,
-options) (the flags stored in rollouts.jsonl are not trusted: the verifier may have been fixed since).
+options) with the run's own strict_format and reward values from RUN_DIR/config.json (the flags stored
+in rollouts.jsonl are not trusted: the verifier may have been fixed since).
 Text is split at the tags into the PREFIX (before <think>), the THINK block and the rest. The think block
 STATES the answer in its first sentence that names the chosen option (its letter as an answer, "answer is
 B" / "(B)", or the option's text) in the words of a conclusion ("answer", "correct", "therefore", "most
@@ -142,13 +143,24 @@ def read_rollouts(path: Path) -> list[dict]:
     return rows
 
 
-def step_report(rows: list[dict]) -> list[dict]:
-    """One dict per training step: n, share of each stage, template-copy share, mean reward, accuracy,
-    format rate, mean response length in characters and tokens, and the dominant stage."""
+def verify_options(run_dir: Path) -> dict:
+    """verify()'s keyword arguments as the run trained with them (RUN_DIR/config.json), so that a run with
+    strict_format or other reward values is judged by its own rules; the verifier's defaults otherwise."""
+    path = run_dir / "config.json"
+    cfg = json.loads(path.read_text()) if path.is_file() else {}
+    names = {"strict": "strict_format", "format_reward": "format_reward", "wrong_reward": "wrong_reward",
+             "correct_reward": "correct_reward"}
+    return {arg: cfg[key] for arg, key in names.items() if key in cfg}
+
+
+def step_report(rows: list[dict], verify_kwargs: dict | None = None) -> list[dict]:
+    """One dict per training step: n, share of each stage, template-copy share, mean reward (as stored: the
+    reward the policy was trained on), accuracy, format rate, mean response length in characters and
+    tokens, and the dominant stage."""
     by_step: dict[int, list[dict]] = {}
     for row in rows:
         text = PROMPT_PREFILL.get(row.get("prompt_style", ""), "") + row["response"]
-        v = verify(text, row["gold"], row.get("options"))
+        v = verify(text, row["gold"], row.get("options"), **(verify_kwargs or {}))
         by_step.setdefault(int(row["step"]), []).append(
             {"stage": classify(v, text, row.get("options")), "v": v, "reward": row.get("reward", v["reward"]),
              "chars": len(row["response"]), "tokens": row.get("response_tokens")})
@@ -228,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = read_rollouts(args.run_dir / "rollouts.jsonl")
     if not rows:
         sys.exit(f"{args.run_dir / 'rollouts.jsonl'} holds no rollouts")
-    report = step_report(rows)
+    report = step_report(rows, verify_options(args.run_dir))
     table = markdown_table(report)
     (args.run_dir / "dynamics.md").write_text(table)
     (args.run_dir / "dynamics.json").write_text(json.dumps(

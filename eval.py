@@ -10,7 +10,7 @@ a batch wastes little padding (the output keeps the data set's order). Scoring d
   reward the policy was trained on; generation stops at "</answer>". Format rate = share with the
   <think>...</think><answer>...</answer> format intact.
 - direct styles (direct, direct_chat; also what an SFT model is evaluated with): the letter is read from the
-  plain answer (its first non-empty line) with verifier.extract_letter. There is no format to keep, so
+  plain answer (its first paragraph) with verifier.extract_letter. There is no format to keep, so
   "format rate" here means the share of responses in which a valid option letter was found.
 - cot: the letter is read from the first line tail starting "answer is" that names one ("... The answer is
   C."); format rate as for direct.
@@ -23,6 +23,7 @@ metrics, breakdowns) and OUT/predictions.jsonl (one line per question), and prin
 """
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -59,9 +60,10 @@ def score(response: str, record: dict, style: str) -> dict:
         while pred is None and (i := lower.find("answer is", i + 1)) >= 0:
             pred = verifier.extract_letter(response[i:].split("\n")[0], options)
     else:
-        # Direct: the answer is the first non-empty line (" B", "B. Ketotifen eye drops"); whatever follows
-        # (an invented next question) is not read.
-        pred = verifier.extract_letter(next((s for s in response.splitlines() if s.strip()), ""), options)
+        # Direct: the answer is the first paragraph (" B", "B. Ketotifen eye drops"); whatever follows a
+        # blank line (an explanation, an invented next question) is not read. A paragraph that lists the
+        # options ("A. ...\nB. ...") names several letters, so no letter.
+        pred = verifier.extract_letter(re.split(r"\n\s*\n", response.strip(), maxsplit=1)[0], options)
     correct = pred is not None and pred == gold
     # No format to keep: format_ok means "a valid letter was found" (see the module docstring).
     return {"reward": float(correct), "format_ok": pred is not None, "pred": pred, "correct": correct}
@@ -85,16 +87,19 @@ def bootstrap_std(correct, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
 
 def metrics(preds: list[dict], seed: int = 0) -> dict:
     """accuracy, its bootstrap std, format rate, share with no valid letter, mean reward, n, length."""
-    n = len(preds)
+    def mean(values):
+        values = list(values)
+        return sum(values) / len(values) if values else 0.0
+
     correct = [bool(p["correct"]) for p in preds]
     return {
-        "n": n,
-        "accuracy": sum(correct) / n if n else 0.0,
+        "n": len(preds),
+        "accuracy": mean(correct),
         "accuracy_std": bootstrap_std(correct, seed=seed),
-        "format_rate": sum(bool(p["format_ok"]) for p in preds) / n if n else 0.0,
-        "no_letter_rate": sum(p["pred"] is None for p in preds) / n if n else 0.0,
-        "mean_reward": sum(p["reward"] for p in preds) / n if n else 0.0,
-        "mean_response_chars": sum(len(p["response"]) for p in preds) / n if n else 0.0,
+        "format_rate": mean(bool(p["format_ok"]) for p in preds),
+        "no_letter_rate": mean(p["pred"] is None for p in preds),
+        "mean_reward": mean(p["reward"] for p in preds),
+        "mean_response_chars": mean(len(p["response"]) for p in preds),
     }
 
 

@@ -123,3 +123,15 @@ def test_step_report_exact_shares(tmp_path):
     assert s1["mean_chars"] == pytest.approx((2 * len(hack) + len(concise) + len(rows[-1][1])) / 4)
     table = (tmp_path / "dynamics.md").read_text()
     assert table.count("\n") == 4 and "| 1 | 4 |" in table  # header, rule, two steps
+
+
+def test_run_config_sets_the_verifier_rules(tmp_path):
+    """A run trained with strict_format judged its step-by-step exploits as format failures: so does the report."""
+    response = GALL_STEPS + "<think>Obstruction of the cystic duct</think><answer>E</answer>"
+    row = {"step": 0, "id": "q", "prompt": "", "response": response, "gold": "E", "options": GALL, "reward": -1.0,
+           "response_tokens": 60, "prompt_style": "r1"}
+    assert dynamics.step_report([row])[0]["shares"][STEP_BY_STEP_EXPLOIT] == 1.0
+    (tmp_path / "config.json").write_text(json.dumps({"strict_format": True, "format_reward": -0.5}))
+    kwargs = dynamics.verify_options(tmp_path)
+    assert kwargs == {"strict": True, "format_reward": -0.5}
+    assert dynamics.step_report([row], kwargs)[0]["shares"][FORMAT_FAILURE] == 1.0

@@ -114,6 +114,8 @@ def test_compare_plot_optional(tmp_path, monkeypatch):
 def test_score_reads_only_the_answer_not_an_invented_continuation():
     s = ev.score(" B\n\nQuestion: A 45-year-old man ...\nA. x\nB. y\nAnswer: C", RECORD, "direct")
     assert s["pred"] == "B"
+    assert ev.score("B. Ketotifen eye drops\n\nExplanation: A and C are wrong.", RECORD, "direct")["pred"] == "B"
+    assert ev.score("A. Artificial tears\nB. Ketotifen eye drops\nC. Oral", RECORD, "direct_chat")["pred"] is None
     s = ev.score("The answer is not obvious. Itching means allergy. The answer is B.\nQuestion: ... The answer is C.",
                  RECORD, "cot")
     assert s["pred"] == "B"
