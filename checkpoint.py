@@ -155,19 +155,21 @@ def verify(folder) -> list:
     man = folder / "MANIFEST.json"
     if not man.is_file():
         return [f"{man}: missing"]
-    try:
-        manifest = json.loads(man.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError) as e:
-        return [f"{man}: unreadable ({e})"]
+    try:  # a damaged manifest can be any JSON at all: check its shape, never raise
+        files = [(rel, int(info["bytes"]), str(info["sha256"]))
+                 for rel, info in json.loads(man.read_text())["files"].items()]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return [f"{man}: unreadable ({type(e).__name__}: {e})"]
+    if not files:
+        return [f"{man}: lists no files"]
     problems = []
-    for rel, info in files.items():
+    for rel, size, digest in files:
         p = folder / rel
         if not p.is_file():
             problems.append(f"{p}: missing")
-        elif p.stat().st_size != info["bytes"]:
-            problems.append(f"{p}: {p.stat().st_size} bytes, manifest says {info['bytes']}")
-        elif sha256(p) != info["sha256"]:
+        elif p.stat().st_size != size:
+            problems.append(f"{p}: {p.stat().st_size} bytes, manifest says {size}")
+        elif sha256(p) != digest:
             problems.append(f"{p}: sha256 differs from the manifest (corrupted)")
     return problems
 
