@@ -100,6 +100,7 @@ def metrics(preds: list[dict], seed: int = 0) -> dict:
         "no_letter_rate": mean(p["pred"] is None for p in preds),
         "mean_reward": mean(p["reward"] for p in preds),
         "mean_response_chars": mean(len(p["response"]) for p in preds),
+        "chance": mean(1 / p["n_options"] for p in preds if p.get("n_options")),  # a uniform random guess
     }
 
 
@@ -163,7 +164,8 @@ def predict(policy, tokenizer, records: list[dict], style: str, batch_size: int,
         v = score(response, r, style)
         preds.append({"id": r["id"], "prompt": prompt, "response": response, "pred": v["pred"], "gold": r["answer"],
                       **v, "correct": bool(v["correct"]), "format_ok": bool(v["format_ok"]),
-                      "finish_reason": fin, "response_tokens": n_tok, "meta": r.get("meta", {})})
+                      "finish_reason": fin, "response_tokens": n_tok, "n_options": len(r["options"]),
+                      "meta": r.get("meta", {})})
     return preds
 
 
@@ -202,28 +204,39 @@ def run_label(run_dir: str, results: dict) -> str:
     return f"{Path(run_dir).name} ({cfg.get('prompt', '?')})"
 
 
-def compare_table(run_dirs: list[str]) -> str:
-    """Rows = runs, columns = data sets (in first-seen order), cells "acc ± std" in %."""
+def load_runs(run_dirs: list[str]) -> tuple[list, list[str], dict]:
+    """[(dir, results)], the data sets in first-seen order, and each set's chance accuracy (a uniform guess
+    over its options, from the first run that has it)."""
     runs = [(d, load_results(d)) for d in run_dirs]
     sets = list(dict.fromkeys(name for _, r in runs for name in r["sets"]))
+    chance = {s: next((r["sets"][s]["chance"] for _, r in runs if r["sets"].get(s, {}).get("chance")), None)
+              for s in sets}
+    return runs, sets, chance
+
+
+def compare_table(run_dirs: list[str]) -> str:
+    """Rows = runs (then a uniform random guess), columns = data sets, cells "acc ± std" in %."""
+    runs, sets, chance = load_runs(run_dirs)
     lines = ["| run | " + " | ".join(sets) + " |", "| --- |" + " ---: |" * len(sets)]
     for d, r in runs:
         cells = [f"{pct(r['sets'][s]['accuracy'])} ± {pct(r['sets'][s]['accuracy_std'])}" if s in r["sets"] else "-"
                  for s in sets]
         lines.append(f"| {run_label(d, r)} | " + " | ".join(cells) + " |")
+    if any(chance.values()):
+        lines.append("| random guess | " + " | ".join(pct(chance[s]) if chance[s] else "-" for s in sets) + " |")
     return "\n".join(lines) + "\n"
 
 
 def compare_plot(run_dirs: list[str], path: str) -> bool:
-    """Grouped bar chart (groups = data sets, one bar per run, bootstrap std as error bars); False without matplotlib."""
+    """Grouped bar chart (groups = data sets, one bar per run, bootstrap std as error bars, a dashed line at
+    chance); False without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    runs = [(d, load_results(d)) for d in run_dirs]
-    sets = list(dict.fromkeys(name for _, r in runs for name in r["sets"]))
+    runs, sets, chance = load_runs(run_dirs)
     width = 0.8 / len(runs)
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(sets) * max(1, len(runs) / 2)), 4))
     for k, (d, r) in enumerate(runs):
@@ -232,6 +245,10 @@ def compare_plot(run_dirs: list[str], path: str) -> bool:
         x = [i - 0.4 + width * (k + 0.5) for i in range(len(sets))]
         bars = ax.bar(x, acc, width, yerr=err, capsize=3, label=run_label(d, r))
         ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+    for i, s in enumerate(sets):
+        if chance[s]:
+            ax.hlines(100 * chance[s], i - 0.45, i + 0.45, colors="gray", linestyles="dashed",
+                      label="random guess" if i == 0 else None)
     ax.set_xticks(range(len(sets)), sets)
     ax.set_ylabel("accuracy (%)")
     ax.legend(fontsize=8)

@@ -56,13 +56,16 @@ def test_metrics_and_breakdowns():
         p["meta"] = {"step": step}
     m = ev.metrics(preds)
     assert (m["n"], m["accuracy"], m["format_rate"], m["no_letter_rate"]) == (4, 0.5, 0.75, 0.25)
+    for p, k in zip(preds, [4, 4, 5, 10]):
+        p["n_options"] = k
+    assert ev.metrics(preds)["chance"] == pytest.approx((1 / 4 + 1 / 4 + 1 / 5 + 1 / 10) / 4)
     b = ev.breakdowns(preds)
     assert set(b) == {"by_step"} and b["by_step"]["step1"]["accuracy"] == 0.5 and b["by_step"]["step2&3"]["n"] == 2
 
 
 def write_run(path, prompt, sets):
     path.mkdir()
-    results = {"config": {"prompt": prompt}, "sets": {k: {"n": 100, "accuracy": a, "accuracy_std": s}
+    results = {"config": {"prompt": prompt}, "sets": {k: {"n": 100, "accuracy": a, "accuracy_std": s, "chance": 0.25}
                                                       for k, (a, s) in sets.items()}}
     (path / "results.json").write_text(json.dumps(results))
 
@@ -75,6 +78,7 @@ def test_compare_table(tmp_path, capsys):
     assert lines[0] == "| run | medqa_test | mmlu_pro_health |"
     assert lines[2] == "| base (direct) | 23.5 ± 1.2 | 25.1 ± 1.5 |"
     assert lines[3] == "| ppo (r1) | 49.2 ± 1.4 | - |"
+    assert lines[4] == "| random guess | 25.0 | 25.0 |"
 
 
 @pytest.mark.slow
@@ -94,6 +98,7 @@ def test_eval_end_to_end_tiny_model(tmp_path):
     assert m["format_rate"] == pytest.approx(np.mean([p["format_ok"] for p in preds]))
     from data import load_dataset
     assert [p["id"] for p in preds] == [r["id"] for r in load_dataset("medqa_test")[:8]]  # order restored
+    assert m["chance"] == 0.25  # medqa_test has four options
     assert set(m["by_step"]) <= {"step1", "step2&3"} and sum(g["n"] for g in m["by_step"].values()) == 8
 
 
