@@ -5,7 +5,8 @@
 Med-RLVR (Section 4.2.1, Figure 2, Table 3) describes six stages that PPO moves through on MedQA. This file
 turns each into a rule on one response, so a run's rollouts can be read as the study reads its own:
 per step, the share of responses in each stage, the mean reward, accuracy, format rate and length. It
-writes RUN_DIR/dynamics.md (a markdown table), RUN_DIR/dynamics.json and, when matplotlib is installed,
+writes RUN_DIR/dynamics.md (the table, then the latest example of each stage, like the study's Table 3),
+RUN_DIR/dynamics.json and, when matplotlib is installed,
 RUN_DIR/dynamics.png: a figure like the study's Figure 2 (accuracy and length over steps, with a coloured
 band behind each step in the colour of its most common stage).
 
@@ -153,17 +154,35 @@ def verify_options(run_dir: Path) -> dict:
     return {arg: cfg[key] for arg, key in names.items() if key in cfg}
 
 
-def step_report(rows: list[dict], verify_kwargs: dict | None = None) -> list[dict]:
+def classify_rows(rows: list[dict], verify_kwargs: dict | None = None) -> list[dict]:
+    """Each rollout row, verified again and classified: {"step", "stage", "v" (verify's dict), "reward",
+    "chars", "tokens", "text"}."""
+    out = []
+    for row in rows:
+        text = PROMPT_PREFILL.get(row.get("prompt_style", ""), "") + row["response"]
+        v = verify(text, row["gold"], row.get("options"), **(verify_kwargs or {}))
+        out.append({"step": int(row["step"]), "stage": classify(v, text, row.get("options")), "v": v,
+                    "reward": row.get("reward", v["reward"]), "chars": len(row["response"]),
+                    "tokens": row.get("response_tokens"), "text": text})
+    return out
+
+
+def examples(classified: list[dict], max_chars: int = 600) -> dict:
+    """stage -> the latest step's first response in that stage (cut to max_chars), like the study's Table 3."""
+    latest = {}
+    for c in classified:
+        if c["stage"] not in latest or c["step"] > latest[c["stage"]]["step"]:
+            latest[c["stage"]] = {"step": c["step"], "response": c["text"][:max_chars]}
+    return {s: latest[s] for s in STAGES if s in latest}
+
+
+def step_report(classified: list[dict]) -> list[dict]:
     """One dict per training step: n, share of each stage, template-copy share, mean reward (as stored: the
     reward the policy was trained on), accuracy, format rate, mean response length in characters and
     tokens, and the dominant stage."""
     by_step: dict[int, list[dict]] = {}
-    for row in rows:
-        text = PROMPT_PREFILL.get(row.get("prompt_style", ""), "") + row["response"]
-        v = verify(text, row["gold"], row.get("options"), **(verify_kwargs or {}))
-        by_step.setdefault(int(row["step"]), []).append(
-            {"stage": classify(v, text, row.get("options")), "v": v, "reward": row.get("reward", v["reward"]),
-             "chars": len(row["response"]), "tokens": row.get("response_tokens")})
+    for c in classified:
+        by_step.setdefault(c["step"], []).append(c)
     report = []
     for step in sorted(by_step):
         items = by_step[step]
@@ -240,12 +259,15 @@ def main(argv: list[str] | None = None) -> None:
     rows = read_rollouts(args.run_dir / "rollouts.jsonl")
     if not rows:
         sys.exit(f"{args.run_dir / 'rollouts.jsonl'} holds no rollouts")
-    report = step_report(rows, verify_options(args.run_dir))
+    classified = classify_rows(rows, verify_options(args.run_dir))
+    report, shown = step_report(classified), examples(classified)
     table = markdown_table(report)
-    (args.run_dir / "dynamics.md").write_text(table)
+    example_md = "".join(f"\n**{s.replace('_', ' ')}** (step {e['step']}):\n\n```\n{e['response']}\n```\n"
+                         for s, e in shown.items())
+    (args.run_dir / "dynamics.md").write_text(f"{table}\n### The latest example of each stage\n{example_md}")
     (args.run_dir / "dynamics.json").write_text(json.dumps(
         {"thresholds": {"REASONING_WORDS": REASONING_WORDS, "PREFIX_REASONING_WORDS": PREFIX_REASONING_WORDS,
-                        "VERBOSE_CHARS": VERBOSE_CHARS}, "steps": report}, indent=1))
+                        "VERBOSE_CHARS": VERBOSE_CHARS}, "steps": report, "examples": shown}, indent=1))
     print(table)
     print(f"wrote {args.run_dir / 'dynamics.md'} and dynamics.json ({len(rows)} responses, {len(report)} steps)")
     if plot(report, args.run_dir / "dynamics.png"):

@@ -121,8 +121,11 @@ def test_step_report_exact_shares(tmp_path):
     assert s1["mean_reward"] == pytest.approx((1 + 1 + 0 + 0) / 4)
     assert s0["mean_tokens"] == pytest.approx((3 + 1 + 12 + 40) / 4)
     assert s1["mean_chars"] == pytest.approx((2 * len(hack) + len(concise) + len(rows[-1][1])) / 4)
-    table = (tmp_path / "dynamics.md").read_text()
-    assert table.count("\n") == 4 and "| 1 | 4 |" in table  # header, rule, two steps
+    table = (tmp_path / "dynamics.md").read_text().split("\n\n")[0]
+    assert table.count("\n") == 3 and "| 1 | 4 |" in table  # header, rule, two steps
+    shown = json.loads((tmp_path / "dynamics.json").read_text())["examples"]
+    assert list(shown) == [FORMAT_FAILURE, DIRECT_ANSWER_HACKER, CONCISE_STRUCTURER]
+    assert shown[DIRECT_ANSWER_HACKER] == {"step": 1, "response": "<think>" + hack}  # the latest step's first
 
 
 def test_run_config_sets_the_verifier_rules(tmp_path):
@@ -130,8 +133,8 @@ def test_run_config_sets_the_verifier_rules(tmp_path):
     response = GALL_STEPS + "<think>Obstruction of the cystic duct</think><answer>E</answer>"
     row = {"step": 0, "id": "q", "prompt": "", "response": response, "gold": "E", "options": GALL, "reward": -1.0,
            "response_tokens": 60, "prompt_style": "r1"}
-    assert dynamics.step_report([row])[0]["shares"][STEP_BY_STEP_EXPLOIT] == 1.0
+    assert dynamics.step_report(dynamics.classify_rows([row]))[0]["shares"][STEP_BY_STEP_EXPLOIT] == 1.0
     (tmp_path / "config.json").write_text(json.dumps({"strict_format": True, "format_reward": -0.5}))
     kwargs = dynamics.verify_options(tmp_path)
     assert kwargs == {"strict": True, "format_reward": -0.5}
-    assert dynamics.step_report([row], kwargs)[0]["shares"][FORMAT_FAILURE] == 1.0
+    assert dynamics.step_report(dynamics.classify_rows([row], kwargs))[0]["shares"][FORMAT_FAILURE] == 1.0
