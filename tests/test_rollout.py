@@ -102,6 +102,28 @@ def test_logprobs_equal_one_full_forward(arch, temperature, top_k, top_p):
     assert (tail == tok.pad_token_id).all()
 
 
+def test_per_row_decode_attention_is_exact(monkeypatch):
+    """The per-row attention path (CPU, much padding, long rows) gives the same tokens and logprobs."""
+    import rollout
+    monkeypatch.setattr(rollout, "PER_ROW_MIN_NUMBERS", 0)  # take it even for a tiny model
+    used = []
+    attend = rollout._attend
+    monkeypatch.setattr(rollout, "_attend", lambda q, k, v, mask, scale: used.append(isinstance(mask, list))
+                        or attend(q, k, v, mask, scale))
+    model, tok = tiny("llama")
+    ids, am = encode(tok)  # prompt lengths 1 .. 52: most of the batch's slots are padding
+    model.generation_config.eos_token_id = None
+    expected = model.generate(ids, attention_mask=am, do_sample=False, max_new_tokens=24,
+                              pad_token_id=tok.pad_token_id)
+    out = generate(model, ids, am, 24, temperature=0, eos_token_id=[], pad_token_id=tok.pad_token_id)
+    assert torch.equal(out.sequences, expected) and any(used)
+    out = generate(model, ids, am, 24, temperature=0.8, eos_token_id=tok.eos_token_id,
+                   generator=torch.Generator().manual_seed(1))
+    expected = full_forward_logprobs(model, out, am, 0.8)
+    mask = out.response_mask.bool()
+    assert torch.allclose(out.logprobs[mask], expected[mask], atol=1e-5, rtol=0)
+
+
 def test_same_seed_same_samples_different_seed_different():
     model, tok = tiny(scale=2.0)
     ids, am = encode(tok)
