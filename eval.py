@@ -266,7 +266,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2-135m",
                    help="HF folder or name, smollm2-135m, tiny-qwen2, or a train_ppo.py run / checkpoint folder")
     p.add_argument("--data", nargs="+", default=["medqa_test", "mmlu_pro_health"], help="data.load_dataset names or paths")
-    p.add_argument("--prompt", default="r1_chat", help="r1 | r1_think | r1_chat | direct | direct_chat | cot")
+    p.add_argument("--prompt", default="r1_chat", choices=data.PROMPT_STYLES,
+                   help="data.build_prompt style: r1 styles are scored by verify(), the others by their letter")
     p.add_argument("--out", help="output folder for results.json and predictions.jsonl")
     p.add_argument("--data_dir", default=None, help="benchmark folder (default: env MEDRLVR_DATA)")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions of each set")
