@@ -574,10 +574,6 @@ def main(argv=None):
         bad_in_a_row = bad_in_a_row + 1 if "skipped" in metrics and "non-finite" in metrics["skipped"] else 0
         if "skipped" in metrics and rank == 0:
             log(f"step {step}: update skipped ({metrics['skipped']})")
-        if bad_in_a_row >= cfg.max_nonfinite_steps:
-            raise SystemExit(f"step {step}: {bad_in_a_row} steps in a row skipped for non-finite rewards, losses or "
-                             f"gradients (--max_nonfinite_steps {cfg.max_nonfinite_steps}); stopping. The last checkpoint "
-                             f"holds finite weights: inspect {out}/rollouts.jsonl, lower the learning rate, --resume.")
         if cfg.kl_target > 0:
             kl_coef = adaptive_kl(kl_coef, metrics["kl"], cfg.kl_target, cfg.kl_horizon, metrics["samples"])
         metrics.update(kl_coef=kl_coef, actor_lr=scheds["policy"].get_last_lr()[0],
@@ -593,6 +589,10 @@ def main(argv=None):
             bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}",
                             fmt=f"{metrics['format_rate']:.2f}", tmpl=f"{metrics['template_copy_rate']:.2f}",
                             len=f"{metrics['response_tokens']:.0f}")
+        if bad_in_a_row >= cfg.max_nonfinite_steps:  # after the logs: the step that stops the run is logged too
+            raise SystemExit(f"step {step}: {bad_in_a_row} steps in a row skipped for non-finite rewards, losses or "
+                             f"gradients (--max_nonfinite_steps {cfg.max_nonfinite_steps}); stopping. The last checkpoint "
+                             f"holds finite weights: inspect {out}/rollouts.jsonl, lower the learning rate, --resume.")
         stopping = D.all_reduce_dict({"s": float(bool(stop))})["s"] > 0
         if step % cfg.save_every == 0 or step == total_steps or stopping:
             C.save_training(Path(cfg.out_dir) / "checkpoints", step, models, opts, scheds, tok, asdict(cfg),
