@@ -96,6 +96,12 @@ def test_logprobs_equal_one_full_forward(arch, temperature, top_k, top_p):
     mask = out.response_mask.bool()
     assert out.logprobs.dtype == torch.float32 and out.logprobs.shape == out.response_mask.shape
     assert torch.allclose(out.logprobs[mask], expected[mask], atol=1e-5, rtol=0)
+    # and the same from transformers' own forward, position ids = cumsum(mask) - 1
+    full_mask = torch.cat([am, out.response_mask], dim=1)  # [B, P+T]
+    logits = model(out.sequences, attention_mask=full_mask,
+                   position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)).logits[:, ids.shape[1] - 1:-1]  # [B, T, V]
+    plain = (logits / (temperature or 1.0)).log_softmax(-1).gather(-1, out.sequences[:, ids.shape[1]:, None])[..., 0]
+    assert torch.allclose(out.logprobs[mask], plain[mask], atol=1e-5, rtol=0)
     assert (out.logprobs[~mask] == 0).all()
     # the response is right padded with pad_token_id after the row ended
     tail = out.sequences[:, ids.shape[1]:][~mask]
