@@ -11,9 +11,10 @@ Layout (one folder per saved step, under OUT/checkpoints/):
 
 How "complete or absent" is kept: everything is written into `step_000010.tmp-<id>/`; only when every
 file is written and fsynced does rank 0 write MANIFEST.json and rename the folder to `step_000010`
-(a rename within one folder is atomic). A process killed at any moment leaves at worst a `.tmp-`
-folder, which resume ignores and the next save removes. Resume trusts a checkpoint only after
-checking every file against the manifest; `fallback=True` steps back to the newest one that passes.
+(a rename within one folder is atomic). A process killed at any moment leaves at worst a `.tmp-` folder
+(or `.old-` / `.del-`: a step being replaced, an old step being deleted), which resume ignores and the
+next save removes. Resume trusts a checkpoint only after checking every file against the manifest;
+`fallback=True` steps back to the newest one that passes.
 """
 import contextlib
 import hashlib
@@ -73,7 +74,7 @@ def writing(root, step: int, meta: dict, keep_last: int = 0):
     if _rank() == 0:
         try:
             root.mkdir(parents=True, exist_ok=True)
-            for stale in root.glob("step_*.tmp-*"):  # leftovers of a run killed mid-save
+            for stale in root.glob("step_*.*-*"):  # leftovers of a run killed mid-save (.tmp-, .old-, .del-)
                 shutil.rmtree(stale, ignore_errors=True)
             tmp = root / f"{final.name}.tmp-{uuid.uuid4().hex[:8]}"
             tmp.mkdir()
@@ -112,8 +113,10 @@ def writing(root, step: int, meta: dict, keep_last: int = 0):
             else:
                 os.rename(tmp, final)
             if keep_last > 0:
-                for old in list_checkpoints(root)[:-keep_last]:
-                    shutil.rmtree(old, ignore_errors=True)
+                for old in list_checkpoints(root)[:-keep_last]:  # renamed first: a kill mid-delete leaves no
+                    gone = old.with_name(old.name + f".del-{uuid.uuid4().hex[:8]}")  # half checkpoint under its name
+                    os.rename(old, gone)
+                    shutil.rmtree(gone, ignore_errors=True)
     except OSError as e:  # disk full, read-only folder, ...: say so, keep the previous checkpoint
         problem = _cannot_write(final, e)
         if _rank() == 0:
