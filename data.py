@@ -411,11 +411,23 @@ PROMPT_PREFILL = {
     "r1": "",               # the study's prompt: ends "Assistant:", the model must open <think> itself
     "r1_think": "<think>",  # same, ending "Assistant: <think>": helps a small base model find the format
     "r1_chat": "<think>",   # instruct models: chat template, system = R1 instruction, reply starts <think>
+    "r1_chat_1shot": "<think>",  # r1_chat after one worked example (the CPU demo: a 135M model needs it)
     "direct": "",           # the study's direct-answer baseline and SFT format: "...\nAnswer:" -> " B"
     "direct_chat": "",      # direct answer through an instruct model's chat template
     "cot": "",              # the study's chain-of-thought baseline: reason, then "The answer is X"
 }
 PROMPT_STYLES = tuple(PROMPT_PREFILL)
+
+
+# The worked example of the r1_chat_1shot style (hand-written, in none of the benchmark sets). Without it a
+# 135M instruct model almost never closes its <think> and opens <answer>, and RL has nothing to reinforce.
+ONE_SHOT_RECORD = {"question": "A 24-year-old woman has itchy, watery eyes and sneezing every spring. "
+                               "Which is the most appropriate first treatment?",
+                   "options": {"A": "Oral prednisone", "B": "Intravenous antibiotics",
+                               "C": "A nasal antihistamine spray", "D": "Surgery"}}
+ONE_SHOT_ANSWER = ("<think> Seasonal itching, tearing and sneezing point to allergic rhinitis. Steroids by mouth, "
+                   "antibiotics and surgery are not first-line; a topical antihistamine is. </think>"
+                   "<answer> C </answer>")
 
 
 def format_question(record: dict) -> str:
@@ -442,6 +454,12 @@ def build_prompt(record: dict, style: str = "r1", tokenizer=None) -> str:
         text = _chat(tokenizer, [{"role": "system", "content": R1_INSTRUCTION},
                                  {"role": "user", "content": question}], style)
         # Some templates (reasoning models) already open the think block; never write it twice.
+        return text if text.rstrip().endswith("<think>") else text + "<think>"
+    if style == "r1_chat_1shot":
+        text = _chat(tokenizer, [{"role": "system", "content": R1_INSTRUCTION},
+                                 {"role": "user", "content": format_question(ONE_SHOT_RECORD)},
+                                 {"role": "assistant", "content": ONE_SHOT_ANSWER},
+                                 {"role": "user", "content": question}], style)
         return text if text.rstrip().endswith("<think>") else text + "<think>"
     if style == "direct":
         return f"{question}\nAnswer:"

@@ -38,7 +38,7 @@ import model as model_lib
 import rollout
 import verifier
 
-R1_STYLES = {"r1", "r1_think", "r1_chat"}
+R1_STYLES = {"r1", "r1_think", "r1_chat", "r1_chat_1shot"}
 STOP_STRING = "</answer>"           # an r1 response is over once its answer is closed
 BOOTSTRAP_RESAMPLES = 1000          # as in the study
 MAX_NEW_TOKENS = 512                # r1 and cot responses: reasoning, then the answer

@@ -357,7 +357,7 @@ def test_prompt_text_byte_for_byte(real):
     assert data.build_prompt(record, "cot") == (
         QUESTION_1 + '\nThink step by step, then finish with "The answer is X", where X is the letter of the '
         "correct option.\nAnswer: Let's think step by step.")
-    assert data.PROMPT_PREFILL == {"r1": "", "r1_think": "<think>", "r1_chat": "<think>", "direct": "",
+    assert data.PROMPT_PREFILL == {"r1": "", "r1_think": "<think>", "r1_chat": "<think>", "r1_chat_1shot": "<think>", "direct": "",
                                    "direct_chat": "", "cot": ""}
     # Ten options end with "J. ..." (the study's own example goes up to F).
     ten = next(r for r in real["mmlu_pro_health"] if len(r["options"]) == 10)
