@@ -13,6 +13,7 @@ Workloads (pick with --workloads):
 
   python rollout.py --bench                              # all three, 256 new tokens (~5 min on 2 cores)
   python bench/rollout_bench.py --workloads random-b32 --threads 1
+  python bench/rollout_bench.py --profile --workloads smollm2-b8 --max_new_tokens 16   # top ops per decode step
 Timings are noisy on a shared machine: compare ours and transformers within one run (they alternate).
 """
 from __future__ import annotations
@@ -40,13 +41,16 @@ STOP = ["</answer>"]
 
 
 class StepClock(LogitsProcessor):
-    """Notes the time at every decoding step of model.generate (it runs once per step, after the forward)."""
+    """Notes the time at every decoding step of model.generate (it runs once per step, after the forward);
+    starts `profiler` (if any) after the prefill."""
 
-    def __init__(self):
-        self.times = []
+    def __init__(self, profiler=None):
+        self.times, self.profiler = [], profiler
 
     def __call__(self, input_ids, scores):
         self.times.append(time.perf_counter())
+        if self.profiler is not None and len(self.times) == 1:
+            self.profiler.start()
         return scores
 
 
@@ -87,13 +91,15 @@ def useful_lengths(responses: torch.Tensor, eos: list[int], stops, tok) -> list[
     return lengths
 
 
-def run_ours(model, tok, ids, mask, max_new, stops, seed):
+def run_ours(model, tok, ids, mask, max_new, stops, seed, profiler=None):
     prefill_done = []
     inner = rollout._prefill
 
     def timed_prefill(*args):  # wrap rollout's prefill to split prefill and decode time
         out = inner(*args)
         prefill_done.append(time.perf_counter())
+        if profiler is not None:
+            profiler.start()
         return out
 
     rollout._prefill = timed_prefill
@@ -110,8 +116,8 @@ def run_ours(model, tok, ids, mask, max_new, stops, seed):
                 prefill=prefill_done[0] - start, step_ms=1000 * (end - prefill_done[0]) / max(steps - 1, 1))
 
 
-def run_transformers(model, tok, ids, mask, max_new, stops, seed):
-    clock = StepClock()
+def run_transformers(model, tok, ids, mask, max_new, stops, seed, profiler=None):
+    clock = StepClock(profiler)
     torch.manual_seed(seed)
     start = time.perf_counter()
     seqs = model.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
@@ -130,12 +136,17 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     p.add_argument("--max_new_tokens", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=1, help="runs of each; the table keeps each one's best")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs of each, seeds seed, seed+1, ...; the table sums steps, tokens and seconds")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true",
+                   help="instead of the table: profile --max_new_tokens decode steps (e.g. 16) of each, top ops")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.profile:
+        return profile(args)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cpus, load average {os.getloadavg()[0]:.2f} at start", flush=True)
     rows = []
@@ -145,24 +156,45 @@ def main(argv=None):
         # warm up both paths on two prompts, so neither pays first-call costs in the timed run
         for run in (run_ours, run_transformers):
             run(model, tok, ids[:2], mask[:2], 4, stops, args.seed)
-        best = {}
-        for _ in range(args.repeats):
+        totals = {}
+        for rep in range(args.repeats):  # each repeat samples with another seed; the table sums them
             for impl, run in (("transformers", run_transformers), ("ours", run_ours)):
-                r = run(model, tok, ids, mask, args.max_new_tokens, stops, args.seed)
-                r["tok_s"] = r["useful"] / r["wall"]
-                if impl not in best or r["tok_s"] > best[impl]["tok_s"]:
-                    best[impl] = r
-                print(f"  {name} {impl}: {r}", file=sys.stderr, flush=True)
+                r = run(model, tok, ids, mask, args.max_new_tokens, stops, args.seed + rep)
+                print(f"  {name} {impl} seed {args.seed + rep}: {r}", file=sys.stderr, flush=True)
+                total = totals.setdefault(impl, dict.fromkeys(r, 0.0))
+                for key in r:
+                    total[key] += r[key] / (args.repeats if key == "step_ms" else 1)
         for impl in ("transformers", "ours"):
-            r = best[impl]
-            ratio = r["tok_s"] / best["transformers"]["tok_s"]
-            rows.append(f"| {name} | {impl} | {batch} | {ids.shape[1]} | {r['steps']} | {r['useful']} | "
-                        f"{r['wall']:.1f} | {r['prefill']:.1f} | {r['step_ms']:.1f} | {r['tok_s']:.1f} | {ratio:.2f}x |")
-    print(f"\nmax_new_tokens {args.max_new_tokens}, load average {os.getloadavg()[0]:.2f} at end\n")
+            r = totals[impl]
+            tok_s = r["useful"] / r["wall"]
+            ratio = tok_s / (totals["transformers"]["useful"] / totals["transformers"]["wall"])
+            rows.append(f"| {name} | {impl} | {batch} | {ids.shape[1]} | {r['steps']:.0f} | {r['useful']:.0f} | "
+                        f"{r['wall']:.1f} | {r['prefill']:.1f} | {r['step_ms']:.1f} | {tok_s:.1f} | {ratio:.2f}x |")
+    print(f"\nmax_new_tokens {args.max_new_tokens}, repeats {args.repeats}, "
+          f"load average {os.getloadavg()[0]:.2f} at end\n")
     print("| workload | impl | batch | prompt len (padded) | decode steps | useful tokens | wall s | prefill s "
-          "| decode ms/step | useful tok/s | vs transformers |")
+          "| decode ms/step (mean) | useful tok/s | vs transformers |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
+
+
+def profile(args):
+    """Where a decode step's time goes (torch.profiler over the decode steps only, prefill excluded)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    for name in args.workloads:
+        model, tok, ids, mask, stops = load(*WORKLOADS[name])
+        for impl, run in (("transformers", run_transformers), ("ours", run_ours)):
+            run(model, tok, ids[:2], mask[:2], 4, stops, args.seed)  # warm-up
+            prof = torch_profile(activities=[ProfilerActivity.CPU])
+            r = run(model, tok, ids, mask, args.max_new_tokens, stops, args.seed, profiler=prof)
+            prof.stop()
+            events = prof.key_averages()
+            total = sum(e.self_cpu_time_total for e in events)
+            top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]
+            print(f"\n{name} {impl}: {r['steps'] - 1} decode steps, {r['step_ms']:.1f} ms/step (profiled)")
+            for e in top:
+                print(f"  {100 * e.self_cpu_time_total / total:5.1f}%  {e.key}  ({e.count} calls)")
 
 
 if __name__ == "__main__":
