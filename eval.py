@@ -6,7 +6,7 @@
 Decoding is greedy (temperature 0) through rollout.generate, batched, with prompts sorted by length so that
 a batch wastes little padding (the output keeps the data set's order). Scoring depends on the prompt style:
 
-- r1 styles (r1, r1_think, r1_chat): verifier.verify(PROMPT_PREFILL[style] + response, gold, options), the
+- r1 styles (r1, r1_think, r1_chat, r1_chat_1shot): verifier.verify(PROMPT_PREFILL[style] + response, gold, options), the
   reward the policy was trained on; generation stops at "</answer>". Format rate = share with the
   <think>...</think><answer>...</answer> format intact.
 - direct styles (direct, direct_chat; also what an SFT model is evaluated with): the letter is read from the
@@ -38,7 +38,7 @@ import model as model_lib
 import rollout
 import verifier
 
-R1_STYLES = {"r1", "r1_think", "r1_chat", "r1_chat_1shot"}
+R1_STYLES = {s for s in data.PROMPT_STYLES if s.startswith("r1")}  # scored by verify(): the study's format
 STOP_STRING = "</answer>"           # an r1 response is over once its answer is closed
 BOOTSTRAP_RESAMPLES = 1000          # as in the study
 MAX_NEW_TOKENS = 512                # r1 and cot responses: reasoning, then the answer
