@@ -239,6 +239,18 @@ def _hits_stop_string(tokenizer, windows: list[list[int]], stop_strings: list[st
     return [any(s in text for s in stop_strings) for text in texts]
 
 
+def cut_after_stop(text: str, stop_strings: list[str] | str | None) -> str:
+    """The decoded response up to and including the first stop string; the rest is dropped.
+
+    The token that completed a stop string can carry more text: SmolLM2 has tokens "></", "><", ">.",
+    so a response can decode to "...</answer><". That tail is an artifact of tokenization (generation
+    ended at the stop string), so cut it before scoring: the verifier refuses anything after </answer>.
+    """
+    stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
+    ends = [text.find(s) + len(s) for s in stops if s in text]
+    return text[:min(ends)] if ends else text
+
+
 # ---------------------------------------------------------------------------------------------------
 # generate
 # ---------------------------------------------------------------------------------------------------
@@ -432,7 +444,8 @@ def main(argv=None):
     rewards = []
     for i, record in enumerate(records):
         length = int(out.response_mask[i].sum())
-        response = PROMPT_PREFILL[args.style] + tok.decode(out.sequences[i, P:P + length], skip_special_tokens=True)
+        text = tok.decode(out.sequences[i, P:P + length], skip_special_tokens=True)
+        response = PROMPT_PREFILL[args.style] + cut_after_stop(text, "</answer>")
         result = verify(response, record["answer"], record["options"])  # the verifier sees the prefill too
         rewards.append(result["reward"])
         print(f"=== {record['id']}  gold {record['answer']}  pred {result['pred']}  reward {result['reward']:+.0f}"

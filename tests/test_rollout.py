@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model import load_tiny, token_logprobs
-from rollout import filter_logits, generate
+from rollout import cut_after_stop, filter_logits, generate
 
 PROMPTS = ["Hello there, how are", "Q: 2+2?", "A much longer prompt about medicine and other things", "x",
            "abc", "The patient"]
@@ -315,3 +315,11 @@ def test_runs_on_fsdp2_model_gathered_with_unshard(tmp_path):
         dist.destroy_process_group()
     assert torch.equal(outs[0].sequences, outs[1].sequences)
     assert torch.allclose(outs[0].logprobs, outs[1].logprobs, atol=1e-6)
+
+
+def test_cut_after_stop_drops_the_tail_of_the_last_token():
+    assert cut_after_stop("<think>x</think><answer>B</answer><", ["</answer>"]) == "<think>x</think><answer>B</answer>"
+    assert cut_after_stop("a</answer>.</answer>", "</answer>") == "a</answer>"
+    assert cut_after_stop("no stop here", ["</answer>"]) == "no stop here"
+    assert cut_after_stop("xy END1 END2", ["END2", "END1"]) == "xy END1"  # the earliest end wins
+    assert cut_after_stop("text", None) == "text"
