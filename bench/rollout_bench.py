@@ -147,8 +147,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.profile:
         return profile(args)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cpus, load average {os.getloadavg()[0]:.2f} at start", flush=True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, {os.cpu_count()} cpus, "
+          f"load average {os.getloadavg()[0]:.2f} at start", flush=True)
     rows = []
     for name in args.workloads:
         model_name, batch = WORKLOADS[name]
