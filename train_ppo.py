@@ -134,24 +134,30 @@ PRESETS = {
 }
 
 
-def parse_config(argv=None) -> Config:
-    """Flags override the preset, which overrides the dataclass defaults."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Config):
-        kind = {bool: lambda s: s.lower() in ("1", "true", "yes", "on")}.get(f.type, f.type)
+def parse_flags(config_cls, presets: dict, check, argv=None, description=""):
+    """Build a config from the command line: flags override the preset, which overrides the dataclass
+    defaults. `check(cfg)` returns the problems of a config; any makes the parser exit with them.
+    (train_sft.py parses its own Config with this too.)"""
+    p = argparse.ArgumentParser(description=description)
+    for f in dataclasses.fields(config_cls):
+        text = f"{f.metadata['help']} (default {f.default!r}; presets may change it)".replace("%", "%%")
         if f.type is bool:  # `--resume` alone means True; `--resume false` is also accepted
-            p.add_argument(f"--{f.name}", type=kind, nargs="?", const=True, default=None, help=f.metadata["help"])
-        else:
-            p.add_argument(f"--{f.name}", type=kind, default=None, help=f.metadata["help"])
+            p.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes", "on"), nargs="?",
+                           const=True, default=None, help=text)
+        else:  # default None: a flag that was not given leaves the preset's value
+            p.add_argument(f"--{f.name}", type=f.type, default=None, help=text)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    preset = given.get("preset", Config.preset)
-    if preset not in PRESETS:
-        p.error(f"--preset {preset!r}: unknown; choose one of {sorted(PRESETS)}")
-    cfg = Config(**{**PRESETS[preset], **given})
-    problems = check_config(cfg)
-    if problems:
+    preset = given.get("preset", config_cls.preset)
+    if preset not in presets:
+        p.error(f"--preset {preset!r}: unknown; choose one of {sorted(presets)}")
+    cfg = config_cls(**{**presets[preset], **given})
+    if problems := check(cfg):
         p.error("\n  ".join(["bad settings:"] + problems))
     return cfg
+
+
+def parse_config(argv=None) -> Config:
+    return parse_flags(Config, PRESETS, check_config, argv, __doc__.split("\n")[0])
 
 
 def check_config(cfg: Config, world: int = 1) -> list:

@@ -16,8 +16,6 @@ checkpoint.save_training / load_training / find_resumable, ppo.lr_schedule, the 
 batches are a function of (seed, step) only, so a resumed run, or one on another number of processes, trains
 on exactly the batches an uninterrupted single-process run would have.
 """
-import argparse
-import dataclasses
 import json
 import math
 import random
@@ -36,7 +34,7 @@ import data
 import distributed as D
 import model as M
 from ppo import lr_schedule
-from train_ppo import arg, autocast, fault, keep_steps_upto  # flag fields, bf16 autocast, test hook, log trim
+from train_ppo import arg, autocast, fault, keep_steps_upto, parse_flags  # flags, bf16 autocast, test hook, log trim
 
 # What follows the prompt before the letter: "Answer:" wants a space; a chat template's assistant turn does not.
 TARGET_PREFIX = {"direct": " ", "direct_chat": ""}
@@ -96,23 +94,8 @@ PRESETS = {
 
 
 def parse_config(argv=None) -> Config:
-    """Flags override the preset, which overrides the dataclass defaults (as train_ppo.parse_config)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Config):
-        text = f"{f.metadata['help']} (default {f.default!r}; see PRESETS)"  # argparse's own default is None here
-        if f.type is bool:  # `--resume` alone means True; `--resume false` is also accepted
-            p.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes", "on"), nargs="?",
-                           const=True, default=None, help=text)
-        else:
-            p.add_argument(f"--{f.name}", type=f.type, default=None, help=text)
-    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    preset = given.get("preset", Config.preset)
-    if preset not in PRESETS:
-        p.error(f"--preset {preset!r}: unknown; choose one of {sorted(PRESETS)}")
-    cfg = Config(**{**PRESETS[preset], **given})
-    if problems := check_config(cfg):
-        p.error("\n  ".join(["bad settings:"] + problems))
-    return cfg
+    """Flags override the preset, which overrides the dataclass defaults (train_ppo.parse_flags)."""
+    return parse_flags(Config, PRESETS, check_config, argv, __doc__.split("\n")[0])
 
 
 def check_config(cfg: Config, world: int = 1) -> list:
