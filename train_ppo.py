@@ -38,8 +38,8 @@ import distributed as D
 import model as M
 import rollout
 import verifier
-from ppo import (adaptive_kl, aggregate, gae, group_advantages, kl_penalty, lr_schedule,  # noqa: F401
-                 masked_mean, policy_loss, value_loss)
+from ppo import (adaptive_kl, aggregate, gae, group_advantages, kl_penalty, lr_schedule,
+                 policy_loss, value_loss)
 
 
 def arg(default, help):
