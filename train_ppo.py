@@ -121,9 +121,9 @@ PRESETS = {
     # to learn); the chat template with "<think>" prefilled gets a few, all copies of the placeholder text; after
     # one worked example about a quarter pass the format with a real letter. See README for the curve.
     "demo": dict(model="smollm2-135m", train_data="medqa_dev", prompt_style="r1_chat_1shot", shuffle_options=True,
-                 max_prompt_tokens=400, rollout_batch_size=4, n_samples_per_prompt=4, max_new_tokens=128,
-                 train_batch_size=16, micro_batch_size=4, generate_batch_size=16, actor_lr=1e-5, critic_lr=2e-5,
-                 warmup_ratio=0.0, kl_coef=0.01, penalize_template_copy=True, max_steps=15, save_every=5,
+                 max_prompt_tokens=360, rollout_batch_size=4, n_samples_per_prompt=4, max_new_tokens=128,
+                 train_batch_size=16, micro_batch_size=4, generate_batch_size=16, actor_lr=2e-5, critic_lr=2e-5,
+                 warmup_ratio=0.0, kl_coef=0.01, penalize_template_copy=True, max_steps=12, save_every=4,
                  device="cpu", dtype="float32", gradient_checkpointing=False, out_dir="runs/demo"),
     # a tiny random model, a few steps, a checkpoint after each: the test suite's end-to-end run.
     "smoke": dict(model="tiny-qwen2", train_data="medqa_dev", prompt_style="r1", rollout_batch_size=4,
@@ -273,7 +273,8 @@ def make_experience(cfg, step, recs, texts, positions, policy, ref, critic, tok,
     rows, scores = [], []
     for i in range(N):
         rec = recs[i // n]
-        text = tok.decode(resp[i, :lengths[i]], skip_special_tokens=True)
+        # the token that completed "</answer>" may carry more text ("></" is one SmolLM2 token): cut it off
+        text = rollout.cut_after_stop(tok.decode(resp[i, :lengths[i]], skip_special_tokens=True), stop)
         v = verifier.verify(prefill + text, rec["answer"], rec["options"], strict=cfg.strict_format,
                             format_reward=cfg.format_reward, wrong_reward=cfg.wrong_reward,
                             correct_reward=cfg.correct_reward)
