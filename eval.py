@@ -155,7 +155,9 @@ def predict(policy, tokenizer, records: list[dict], style: str, batch_size: int,
             n_generated[i] = int(out.response_mask[row].sum())
             # As train_ppo.py decodes for the verifier: EOS and padding dropped (left after </answer> they
             # would break the format); the tags are ordinary added tokens, so they stay.
-            responses[i] = tokenizer.decode(response_ids[row, :n_generated[i]].tolist(), skip_special_tokens=True)
+            # The token that completed "</answer>" may carry more text ("></"): cut it, as train_ppo.py does.
+            responses[i] = rollout.cut_after_stop(
+                tokenizer.decode(response_ids[row, :n_generated[i]].tolist(), skip_special_tokens=True), stop)
             finish[i] = out.finish_reason[row]
         bar.update(len(batch))
     bar.close()
