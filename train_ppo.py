@@ -119,10 +119,13 @@ PRESETS = {
     "paper": {},  # the defaults above
     # SmolLM2-135M-Instruct on CPU. The bare study prompt gets no tagged answer from it (every reward -1: nothing
     # to learn); the chat template with "<think>" prefilled gets a few, all copies of the placeholder text; after
-    # one worked example about a quarter pass the format with a real letter. See README for the curve.
+    # one worked example 6-25% pass the format with a real letter. GRPO-style advantages (no critic): on 2 CPU
+    # cores the critic doubles the update's cost, and with GAE (lambda 0.95, whitened) the early tokens of long
+    # failed answers got positive advantages and the answers grew (81 -> 110 tokens in 3 steps, format flat).
+    # `--advantage gae` runs the study's PPO with a critic. See README for the curve.
     "demo": dict(model="smollm2-135m", train_data="medqa_dev", prompt_style="r1_chat_1shot", shuffle_options=True,
                  max_prompt_tokens=360, rollout_batch_size=4, n_samples_per_prompt=4, max_new_tokens=128,
-                 train_batch_size=16, micro_batch_size=4, generate_batch_size=16, actor_lr=2e-5, critic_lr=2e-5,
+                 advantage="grpo", train_batch_size=16, micro_batch_size=4, generate_batch_size=16, actor_lr=2e-5,
                  warmup_ratio=0.0, kl_coef=0.01, penalize_template_copy=True, max_steps=12, save_every=4,
                  device="cpu", dtype="float32", gradient_checkpointing=False, out_dir="runs/demo"),
     # a tiny random model, a few steps, a checkpoint after each: the test suite's end-to-end run.
