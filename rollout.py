@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -406,9 +407,17 @@ def _compact(finished, b, cache, key_ok, per_slot, n_filled) -> int:
 # ---------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Sample answers to MedQA questions with rollout.generate and score them "
-                                "with the verifier. --bench instead runs bench/rollout_bench.py with the other flags (its options: "
-                                "python bench/rollout_bench.py --help).")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--bench" in argv:  # every other flag is the benchmark's (python bench/rollout_bench.py --help)
+        import importlib.util  # loaded by path: a top-level bench.py would shadow a `bench` package
+        spec = importlib.util.spec_from_file_location(
+            "rollout_bench", Path(__file__).resolve().parent / "bench" / "rollout_bench.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        return bench.main([a for a in argv if a != "--bench"])
+    p = argparse.ArgumentParser(description="Sample answers to MedQA questions with rollout.generate and score "
+                                "them with the verifier. `python rollout.py --bench [flags]` instead runs "
+                                "bench/rollout_bench.py (its flags: python bench/rollout_bench.py --help).")
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny-qwen2, tiny-llama or an HF folder")
     p.add_argument("--data", default="medqa_dev", help="a data.py dataset name or a file")
     p.add_argument("--data_dir", default=None, help="default: $MEDRLVR_DATA, else ../shared/data beside the repo")
@@ -420,17 +429,7 @@ def main(argv=None):
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--top_k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bench", action="store_true", help="run the benchmark; other flags go to it")
-    args, rest = p.parse_known_args(argv)
-    if args.bench:  # loaded by path: a top-level bench.py would shadow a `bench` package
-        import importlib.util
-        path = Path(__file__).resolve().parent / "bench" / "rollout_bench.py"
-        spec = importlib.util.spec_from_file_location("rollout_bench", path)
-        bench = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(bench)
-        return bench.main(rest)
-    if rest:
-        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = p.parse_args(argv)
     from data import PROMPT_PREFILL, build_prompt, load_dataset, tokenize_prompts
     from model import load_policy
     from verifier import verify

@@ -323,3 +323,10 @@ def test_cut_after_stop_drops_the_tail_of_the_last_token():
     assert cut_after_stop("no stop here", ["</answer>"]) == "no stop here"
     assert cut_after_stop("xy END1 END2", ["END2", "END1"]) == "xy END1"  # the earliest end wins
     assert cut_after_stop("text", None) == "text"
+
+
+def test_demo_samples_and_scores_medqa_questions(data_dir, capsys):
+    import rollout
+    rollout.main(["--model", "tiny-qwen2", "--n", "2", "--max_new_tokens", "8", "--data_dir", str(data_dir)])
+    out = capsys.readouterr().out
+    assert out.count("=== medqa_dev-") == 2 and "reward" in out and "mean reward" in out
