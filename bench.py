@@ -1,0 +1,373 @@
+"""Where the time and memory of an RLVR run go, against baselines and against this machine's own limits.
+
+    python bench.py                          # every section, writes BENCHMARKS.md (~15 min on 2 CPU cores)
+    python bench.py --quick                  # small sizes and a tiny model: checks the script runs (~2 min)
+    python bench.py --only machine,update    # some sections: machine generation update step fsdp grpo
+    python bench.py --trl_python /work/trl-venv/bin/python   # adds TRL's GRPOTrainer (its own environment)
+
+Sections, each a table row group, every ratio measured in this one run (alternating where it matters):
+  machine     peak matmul FLOP/s (fp32 2048^2 and 4096^2 on CPU, bf16 on GPU) and copy bandwidth (read + write)
+  generation  useful tokens/s of rollout.generate vs transformers' generate (bench/rollout_bench.py's
+              workloads), and decode ms/step vs the bound bandwidth / (weight bytes + KV cache bytes read)
+  update      train_ppo.ppo_update (actor token_logprobs + policy_loss, critic values + value_loss, AdamW)
+              vs a plain transformers forward + backward (logits, cross-entropy; critic logits, MSE) + AdamW
+              on the same tokens: tokens/s, ratio, MFU = 6 x parameters x tokens / s / measured peak
+  step        one whole PPO step of the demo preset (bench/ppo_step.py runs train_ppo.main): the time_*
+              fields of metrics.jsonl, and the step's peak RSS against weights + gradients + AdamW + KV cache
+  fsdp        bytes per rank of parameters, gradients and AdamW state of actor and critic under FSDP2,
+              torchrun with 1 and 2 processes (gloo), bench/fsdp_memory.py
+  grpo        a GRPO-mode step on TRL's settings (1 prompt x 8 completions of <= 128 tokens) vs TRL's
+              GRPOTrainer (bench/trl_grpo.py, only with --trl_python: TRL is never a project dependency)
+Timings on a shared machine are noisy: the load average at start and end is written with the table.
+"""
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent
+SECTIONS = ["machine", "generation", "update", "step", "fsdp", "grpo"]
+GB = 1e9
+
+
+def best_time(fn, repeats):
+    """Least wall-clock seconds of `repeats` calls (the least disturbed by other processes)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def describe_machine(device) -> str:
+    if device.type == "cuda":
+        return f"GPU {torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+# ======================================================================================================
+# machine: the limits every other number is compared with
+# ======================================================================================================
+def bench_machine(args, device):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    peaks = {}
+    for n in args.matmul_sizes:
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        a @ b  # warm-up
+        sync(device)
+        seconds = best_time(lambda: (a @ b, sync(device)), args.repeats + 1)
+        peaks[n] = 2 * n ** 3 / seconds  # a matmul of two n x n matrices is n^3 multiply-adds
+    numbers = args.copy_mb * 2 ** 20 // 4
+    src, dst = torch.randn(numbers, device=device), torch.empty(numbers, device=device)
+    dst.copy_(src)
+    sync(device)
+    seconds = best_time(lambda: (dst.copy_(src), sync(device)), args.repeats + 2)
+    bandwidth = 2 * src.numel() * 4 / seconds  # every byte read once and written once
+    peak = max(peaks.values())
+    rows = [f"| machine | matmul {n}x{n} {str(dtype).replace('torch.', '')} | {f / GB:.0f} GFLOP/s | |"
+            for n, f in peaks.items()]
+    rows.append(f"| machine | memory copy {args.copy_mb} MB (read + write) | {bandwidth / GB:.1f} GB/s | |")
+    return rows, {"peak_flops": peak, "bandwidth": bandwidth}
+
+
+# ======================================================================================================
+# generation: rollout.generate vs transformers' generate, and decode against the memory-bandwidth bound
+# ======================================================================================================
+def load_rollout_bench():
+    """bench/rollout_bench.py (the rollout's own benchmark), imported by path: its workloads and runners."""
+    spec = importlib.util.spec_from_file_location("rollout_bench", ROOT / "bench" / "rollout_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def decode_bound_ms(model, batch, mean_prompt, steps, bandwidth) -> float:
+    """Least time of one decode step at full batch: every weight read once, plus each row's K and V cache
+    (at its mean length over the decode, prompt + steps / 2), at the measured copy bandwidth."""
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    elem = next(model.parameters()).element_size()
+    weights = sum(p.numel() for p in model.parameters()) * elem
+    kv_per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * head_dim * elem
+    kv = batch * (mean_prompt + steps / 2) * kv_per_token
+    return 1000 * (weights + kv) / bandwidth
+
+
+def bench_generation(args, limits):
+    rb = load_rollout_bench()
+    rows = []
+    for name in args.workloads:
+        model_name, batch = rb.WORKLOADS[name]
+        model, tok, ids, mask, stops = rb.load(model_name, batch)
+        for run in (rb.run_ours, rb.run_transformers):  # warm-up: first-call costs out of the timed runs
+            run(model, tok, ids[:2], mask[:2], 4, stops, 0)
+        res = {"transformers": [], "ours": []}
+        for rep in range(args.gen_repeats):  # alternate, so both see the same background load
+            for impl, run in (("transformers", rb.run_transformers), ("ours", rb.run_ours)):
+                res[impl].append(run(model, tok, ids, mask, args.max_new_tokens, stops, rep))
+        tok_s = {impl: sum(r["useful"] for r in rs) / sum(r["wall"] for r in rs) for impl, rs in res.items()}
+        mean_prompt = float(mask.sum(1).float().mean())
+        for impl, rs in res.items():
+            step_ms = sum(r["step_ms"] for r in rs) / len(rs)
+            steps = sum(r["steps"] for r in rs) / len(rs)
+            bound = decode_bound_ms(model, batch, mean_prompt, steps, limits["bandwidth"])
+            rows.append(f"| generation | {name} {impl}: useful tokens/s (B={batch}, prompt {mean_prompt:.0f} tokens, "
+                        f"{args.max_new_tokens} new) | {tok_s[impl]:.1f} | "
+                        f"{tok_s[impl] / tok_s['transformers']:.2f}x transformers |")
+            rows.append(f"| generation | {name} {impl}: decode ms/step vs bound (weights + KV cache / bandwidth) | "
+                        f"{step_ms:.1f} ms vs {bound:.1f} ms | {bound / step_ms:.0%} of the bound |")
+        del model
+    return rows
+
+
+# ======================================================================================================
+# update: the trainer's PPO update vs a plain transformers forward + backward on the same tokens
+# ======================================================================================================
+def update_batch(vocab, batch, prompt_len, response_len, seed=0):
+    """A full batch of the trainer's experience on random tokens: what ppo_update reads."""
+    g = torch.Generator().manual_seed(seed)
+    L, T = prompt_len + response_len, response_len
+    seq = torch.randint(0, vocab, (batch, L), generator=g)  # [B, L]
+    mask = torch.ones(batch, T)  # [B, T] every response token counts (no padding: the plain baseline has none)
+    old = -torch.rand(batch, T, generator=g) * 3  # [B, T]
+    return dict(seq=seq, attn=torch.ones_like(seq), mask=mask, old_logprobs=old, ref_logprobs=old.clone(),
+                advantages=torch.randn(batch, T, generator=g), returns=torch.randn(batch, T, generator=g),
+                values=torch.zeros(batch, T))
+
+
+def bench_update(args, limits):
+    import model as M
+    import train_ppo
+    policy, tok = M.load_policy(args.model)
+    critic = M.load_critic(args.model)
+    policy.train(), critic.train()
+    B, mb = args.update_batch, args.micro_batch
+    exp = update_batch(len(tok), B, args.prompt_len, args.response_len)
+    cfg = train_ppo.Config(**{**train_ppo.PRESETS["demo"], "model": args.model, "rollout_batch_size": B,
+                              "n_samples_per_prompt": 1, "train_batch_size": B, "micro_batch_size": mb})
+    opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-7, betas=(0.9, 0.95)) for n, m in (("policy", policy), ("critic", critic))}
+    scheds = {n: torch.optim.lr_scheduler.LambdaLR(o, lambda i: 1.0) for n, o in opts.items()}
+
+    def ours():
+        train_ppo.ppo_update(cfg, 1, exp, policy, critic, opts, scheds, world=1, rank=0)
+
+    def plain():  # what any transformers training loop does with the same tokens, same micro-batches and AdamW
+        seq = exp["seq"]
+        for s in range(0, B, mb):
+            ids = seq[s:s + mb]  # [mb, L]
+            logits = policy(input_ids=ids).logits  # [mb, L, V]
+            F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+            v = critic(input_ids=ids).logits[..., 0]  # [mb, L]
+            F.mse_loss(v.float(), torch.zeros_like(v)).backward()
+        for name, m in (("policy", policy), ("critic", critic)):
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            opts[name].step()
+            opts[name].zero_grad(set_to_none=True)
+
+    t = {"ours": [], "plain": []}
+    for _ in range(args.repeats):  # alternate, so both see the same background load; the best of each is kept
+        for name, fn in (("plain", plain), ("ours", ours)):
+            t0 = time.perf_counter()
+            fn()
+            t[name].append(time.perf_counter() - t0)
+    tokens = B * exp["seq"].shape[1]
+    n_params = M.count_parameters(policy) + M.count_parameters(critic)
+    rows = []
+    for name, label in (("plain", "plain transformers forward + backward + AdamW"),
+                        ("ours", "train_ppo.ppo_update (actor + critic)")):
+        s = min(t[name])
+        mfu = 6 * n_params * tokens / s / limits["peak_flops"]
+        rows.append(f"| update | {label}, {B} x {exp['seq'].shape[1]} tokens ({args.response_len} response), "
+                    f"micro-batch {mb}: {s:.2f} s | {tokens / s:.0f} tokens/s, MFU {mfu:.0%} | "
+                    f"{min(t['plain']) / s:.2f}x plain |")
+    return rows
+
+
+# ======================================================================================================
+# step and grpo: whole steps of train_ppo.py, in a child process (bench/ppo_step.py) for a clean peak RSS
+# ======================================================================================================
+def run_child(cmd, tag, timeout):
+    """Run a child, pass its stderr through to a log, return the JSON after its `tag` line."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    shared = ROOT.parent / "shared" / "data"
+    if "MEDRLVR_DATA" not in env and shared.is_dir():
+        env["MEDRLVR_DATA"] = str(shared)
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    found = [ln for ln in p.stdout.splitlines() if ln.startswith(tag + " ")]
+    if p.returncode or not found:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed (exit {p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+    return json.loads(found[-1][len(tag) + 1:])
+
+
+def ppo_steps(train_args, timeout):
+    with tempfile.TemporaryDirectory(prefix="bench_step_") as out:
+        return run_child([sys.executable, "bench/ppo_step.py", *train_args, "--out_dir", out], "BENCH_STEP", timeout)
+
+
+def bench_step(args):
+    train_args = ["--preset", "smoke" if args.quick else "demo", "--max_steps", "1"]
+    r = ppo_steps(train_args, 1200)
+    m = r["metrics"][0]
+    phases = ["generate", "score", "reference", "critic", "update"]
+    total = m["time_step"]
+    rows = [f"| step | {' '.join(train_args)}: whole step ({m['samples']} samples, {m['response_tokens']:.0f} "
+            f"response tokens each on average) | {total:.1f} s | 100% |"]
+    for ph in phases:
+        s = m.get(f"time_{ph}", 0.0)
+        rows.append(f"| step | {ph} | {s:.1f} s | {s / total:.0%} |")
+    rest = total - sum(m.get(f"time_{ph}", 0.0) for ph in phases)
+    rows.append(f"| step | other (advantages, metrics, logs) | {rest:.1f} s | {rest / total:.0%} |")
+    b = r["budget"]
+    need = sum(b.values())
+    peak = next(iter(r["peak_rss"].values()), float("nan"))
+    rows.append(f"| step | peak RSS of the step vs weights {b['weights'] / GB:.2f} + gradients {b['gradients'] / GB:.2f} + "
+                f"AdamW {b['adamw'] / GB:.2f} + KV cache {b['kv_cache'] / GB:.2f} = {need / GB:.2f} GB | "
+                f"{peak / GB:.2f} GB | {peak / need:.2f}x (target <= 2x) |")
+    return rows
+
+
+def bench_grpo(args):
+    steps = args.grpo_steps
+    train_args = ["--preset", "demo", "--advantage", "grpo", "--rollout_batch_size", "1", "--n_samples_per_prompt", "8",
+                  "--max_new_tokens", "128", "--train_batch_size", "8", "--max_steps", str(steps)]
+    if args.quick:  # a tiny model, short prompts and responses: only checks that the section runs
+        train_args += ["--model", "tiny-qwen2", "--max_prompt_tokens", "4096", "--max_new_tokens", "16"]
+    r = ppo_steps(train_args, 1800)
+    ours = [m["time_step"] for m in r["metrics"]]
+    updated = [m["time_step"] for m in r["metrics"] if "skipped" not in m]
+    lengths = [m["response_tokens"] for m in r["metrics"]]
+    rows = [f"| grpo | ours: {' '.join(train_args[2:])}; seconds per step (steps {', '.join(f'{s:.1f}' for s in ours)}; "
+            f"{len(updated)} of {steps} updated) | {sum(ours) / len(ours):.1f} s | mean completion "
+            f"{sum(lengths) / len(lengths):.0f} tokens |"]
+    if not args.trl_python or args.quick:
+        rows.append("| grpo | TRL GRPOTrainer | not run | pass --trl_python PATH (a venv with trl, see bench/trl_grpo.py) |")
+        return rows
+    t = run_child([args.trl_python, "bench/trl_grpo.py", "--steps", str(args.trl_steps)], "BENCH_TRL", 3000)
+    mean_trl = sum(t["seconds"]) / len(t["seconds"])
+    rows.append(f"| grpo | TRL {t['trl']} GRPOTrainer, same model, prompts, 8 x <= 128 tokens, beta 0.01 (steps "
+                f"{', '.join(f'{s:.1f}' for s in t['seconds'])}) | {mean_trl:.1f} s | mean completion "
+                f"{sum(t['mean_length']) / len(t['mean_length']):.0f} tokens; ours {sum(ours) / len(ours) / mean_trl:.2f}x "
+                f"TRL's time (target <= 0.5x) |")
+    return rows
+
+
+# ======================================================================================================
+# fsdp: per-rank memory of actor and critic at 1 and 2 processes
+# ======================================================================================================
+def bench_fsdp(args):
+    per_world = {}
+    for n in (1, 2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+               "bench/fsdp_memory.py", "--model", args.model]
+        per_world[n] = run_child(cmd, "BENCH_FSDP", 900)["ranks"]
+    rows = []
+    for part in ("actor", "critic"):
+        for kind in ("params", "grads", "adamw"):
+            one = per_world[1][0][part][kind]
+            two = max(rank[part][kind] for rank in per_world[2])  # the fullest rank
+            rows.append(f"| fsdp | {args.model} {part} {kind} per rank: N=1 -> N=2 | {one / 2 ** 20:.1f} -> "
+                        f"{two / 2 ** 20:.1f} MiB | {two / one:.2f} (target <= 0.6) |")
+    total = lambda ranks: max(sum(v for part in r.values() for v in part.values()) for r in ranks)  # noqa: E731
+    rows.append(f"| fsdp | actor + critic, all three, per rank: N=1 -> N=2 | {total(per_world[1]) / 2 ** 20:.1f} -> "
+                f"{total(per_world[2]) / 2 ** 20:.1f} MiB | {total(per_world[2]) / total(per_world[1]):.2f} |")
+    return rows
+
+
+# ======================================================================================================
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections: " + " ".join(SECTIONS))
+    p.add_argument("--quick", action="store_true", help="tiny sizes and a tiny model: checks that everything runs")
+    p.add_argument("--trl_python", default="", help="python of a venv with trl installed: adds TRL's GRPOTrainer row")
+    p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="markdown file written ('' for none)")
+    p.add_argument("--model", default="smollm2-135m", help="model of the update and fsdp sections")
+    p.add_argument("--workloads", nargs="+", default=["smollm2-b8", "random-b32"], help="bench/rollout_bench.py workloads")
+    p.add_argument("--max_new_tokens", type=int, default=128, help="generation section")
+    p.add_argument("--gen_repeats", type=int, default=1, help="runs of each generator (seeds 0, 1, ...), summed")
+    p.add_argument("--update_batch", type=int, default=8)
+    p.add_argument("--micro_batch", type=int, default=4)
+    p.add_argument("--prompt_len", type=int, default=128)
+    p.add_argument("--response_len", type=int, default=128)
+    p.add_argument("--grpo_steps", type=int, default=2, help="GRPO-mode steps of ours (a step whose 8 rewards are "
+                   "all equal skips its update: the table says how many updated)")
+    p.add_argument("--trl_steps", type=int, default=1, help="steps of TRL's GRPOTrainer (it always updates)")
+    p.add_argument("--repeats", type=int, default=2, help="timed repeats of matmul, copy and update (best kept)")
+    p.add_argument("--matmul_sizes", type=int, nargs="+", default=[2048, 4096])
+    p.add_argument("--copy_mb", type=int, default=512)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.model, args.workloads, args.max_new_tokens, args.update_batch = "tiny-qwen2", ["random-b32"], 16, 4
+        args.micro_batch, args.prompt_len, args.response_len, args.grpo_steps = 2, 32, 16, 1
+        args.matmul_sizes, args.copy_mb, args.repeats = [1024], 128, 1
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(only) - set(SECTIONS)
+    if unknown:
+        p.error(f"--only: unknown section(s) {sorted(unknown)}; choose from {SECTIONS}")
+    if {"generation", "update"} & set(only) and "machine" not in only:
+        only.insert(0, "machine")  # their bounds and MFU need the measured limits
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    load_start, started = os.getloadavg(), time.time()
+    header = (f"{describe_machine(device)}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
+              f"load average {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f} at start"
+              + ("; --quick" if args.quick else ""))
+    print(header, flush=True)
+    rows, limits = ["| section | what | measured | vs |", "|---|---|---|---|"], {}
+    for section in only:
+        t0 = time.time()
+        try:
+            if section == "machine":
+                new, limits = bench_machine(args, device)
+            else:
+                new = {"generation": lambda: bench_generation(args, limits), "update": lambda: bench_update(args, limits),
+                       "step": lambda: bench_step(args), "fsdp": lambda: bench_fsdp(args),
+                       "grpo": lambda: bench_grpo(args)}[section]()
+        except Exception as e:  # one broken section must not cost the others' numbers
+            print(f"{section} failed: {e!r}", file=sys.stderr, flush=True)
+            new = [f"| {section} | failed: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__} | | |"]
+        rows += new
+        print("\n".join(new) + f"\n  ({section}: {time.time() - t0:.0f} s, load average {os.getloadavg()[0]:.2f})", flush=True)
+    load_end = os.getloadavg()
+    footer = (f"load average {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f} at end; "
+              f"{time.time() - started:.0f} s in all; command: python bench.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    table = "\n".join(rows)
+    print("\n" + table + "\n\n" + footer)
+    if args.out:
+        write_markdown(Path(args.out), header, table, footer)
+
+
+def write_markdown(path, header, table, footer):
+    """BENCHMARKS.md: the table between markers, so text written around it by hand survives a rerun."""
+    begin, end = "<!-- bench.py table: begin -->", "<!-- bench.py table: end -->"
+    block = f"{begin}\n{header}\n\n{table}\n\n{footer}\n{end}"
+    old = path.read_text() if path.exists() else "# Benchmarks\n\nWritten by `python bench.py`.\n\n" + begin + end + "\n"
+    if begin in old and end in old:
+        new = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, old, flags=re.S)
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
+    path.write_text(new)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""TRL's GRPOTrainer on the same GRPO step as train_ppo.py's, for bench.py (run it with TRL's interpreter).
+
+TRL is never a dependency of this project: install it in a virtual environment of its own, e.g.
+    python -m venv /work/trl-venv --system-site-packages && /work/trl-venv/bin/pip install trl==1.16.0
+    /work/trl-venv/bin/python bench/trl_grpo.py --steps 3          # or: python bench.py --trl_python /work/trl-venv/bin/python
+
+Same model (SmolLM2-135M-Instruct, fp32, from model.py's converted folder), same prompts (train_ppo.py's
+demo preset: MedQA dev, r1_chat_1shot, options shuffled, the questions of its first steps), same reward
+(verifier.verify with the template-copy penalty), 8 completions of at most 128 tokens per step, one prompt
+per step, beta 0.01 (a reference model, as ours), lr 1e-5, no gradient checkpointing, CPU.
+Prints one line `BENCH_TRL {json}`: seconds of each step (generation, reward, reference and update all happen
+inside TRL's step) and the mean completion length TRL logged.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's flat modules
+
+import trl  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+import data  # noqa: E402
+import model as M  # noqa: E402
+import train_ppo  # noqa: E402
+import verifier  # noqa: E402
+
+
+class StepClock(TrainerCallback):
+    def __init__(self):
+        self.starts, self.seconds, self.logs = [], [], []
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.starts.append(time.perf_counter())
+
+    def on_step_end(self, args, state, control, **kw):
+        self.seconds.append(time.perf_counter() - self.starts[-1])
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        self.logs.append(dict(logs or {}))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--out", default="/tmp/bench_trl")
+    args = p.parse_args()
+    cfg = train_ppo.parse_config(["--preset", "demo", "--advantage", "grpo", "--rollout_batch_size", "1",
+                                  "--n_samples_per_prompt", "8", "--max_new_tokens", "128", "--train_batch_size", "8"])
+    _, tok = M.load_policy(cfg.model)
+    records, texts = train_ppo.load_prompts(cfg, tok, print)
+    picked = [train_ppo.step_prompt_indices(cfg, len(records), s, 0, 1)[0][1] for s in range(1, args.steps + 1)]
+    ds = Dataset.from_list([{"prompt": texts[i], "answer": records[i]["answer"],
+                             "options": json.dumps(records[i]["options"])} for i in picked])
+    prefill = data.PROMPT_PREFILL.get(cfg.prompt_style, "")
+
+    def reward(prompts, completions, answer, options, **kw):
+        out = []
+        for text, gold, opts in zip(completions, answer, options):
+            v = verifier.verify(prefill + text, gold, json.loads(opts))
+            out.append(cfg.format_reward if v["template_copy"] else v["reward"])  # --penalize_template_copy
+        return out
+
+    targs = GRPOConfig(output_dir=args.out, per_device_train_batch_size=8, num_generations=8, max_completion_length=128,
+                       max_steps=args.steps, learning_rate=cfg.actor_lr, beta=cfg.kl_coef, gradient_checkpointing=False,
+                       use_cpu=True, bf16=False, logging_steps=1, save_strategy="no", report_to="none",
+                       temperature=1.0, top_p=1.0, top_k=0, seed=cfg.seed)
+    clock = StepClock()
+    trainer = GRPOTrainer(model=str(M.smollm2_folder()), reward_funcs=reward, args=targs, train_dataset=ds,
+                          processing_class=tok, callbacks=[clock])
+    trainer.train()
+    lengths = [lg["completions/mean_length"] for lg in clock.logs if "completions/mean_length" in lg]
+    print("BENCH_TRL " + json.dumps({"trl": trl.__version__, "seconds": clock.seconds, "mean_length": lengths}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
