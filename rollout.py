@@ -12,10 +12,13 @@ How it works, and why it is faster than transformers' `generate` on RL workloads
 2. Then one token per step, with a KV cache PREALLOCATED at [B, kv_heads, P + max_new_tokens, head_dim]
    per layer and written in place. transformers' DynamicCache grows every layer's K and V with torch.cat at
    every step, copying the whole cache (24% of a decode step on SmolLM2 in the issue's profile).
+   Attention reads only the filled part of the cache, from the first slot any active row needs; on CPU,
+   when left padding is a large share of that, one call per row reads each row's own slots only.
 3. A row that ends (EOS, a stop string such as "</answer>", or max_new_tokens) LEAVES the batch: the
    last active row is moved into its slot (cache included), so the remaining steps compute only live rows.
    Moving one row costs one row's cache copy; `generate` instead keeps computing finished rows as padding
-   until the longest row is done.
+   until the longest row is done. The token that completes a stop string is kept and may carry more text
+   ("></"): decode, then `cut_after_stop` before scoring.
 
 The decoder forward is written here for the Llama family (llama, mistral, qwen2, qwen3: RMSNorm, RoPE,
 grouped-query attention, SwiGLU, q/k/v biases, tied embeddings). It calls the model's SUBMODULES
