@@ -248,3 +248,20 @@ def load_training(folder, models: dict, opts: dict, scheds: dict) -> dict:
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
     return state
+
+
+def keep_steps_upto(path: Path, step: int):
+    """On resume, drop log lines of steps after the checkpoint (a killed run may have logged past it), and
+    a line torn by a kill in the middle of a write (bytes, not text: it may end inside a UTF-8 character;
+    a torn line always belongs to a step after the checkpoint, whose lines come before its save).
+    The file is replaced atomically: a kill during the rewrite must not lose the lines kept."""
+    def step_of(ln):
+        try:
+            return json.loads(ln)["step"]
+        except (ValueError, KeyError, TypeError):
+            return None
+    if path.exists():
+        lines = [ln for ln in path.read_bytes().split(b"\n") if (s := step_of(ln)) is not None and s <= step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(b"".join(ln + b"\n" for ln in lines))
+        os.replace(tmp, path)

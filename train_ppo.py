@@ -482,23 +482,6 @@ def step_metrics(exp, rows):
     return m
 
 
-def keep_steps_upto(path: Path, step: int):
-    """On resume, drop log lines of steps after the checkpoint (a killed run may have logged past it), and
-    a line torn by a kill in the middle of a write (bytes, not text: it may end inside a UTF-8 character;
-    a torn line always belongs to a step after the checkpoint, whose lines come before its save).
-    The file is replaced atomically: a kill during the rewrite must not lose the lines kept."""
-    def step_of(ln):
-        try:
-            return json.loads(ln)["step"]
-        except (ValueError, KeyError, TypeError):
-            return None
-    if path.exists():
-        lines = [ln for ln in path.read_bytes().split(b"\n") if (s := step_of(ln)) is not None and s <= step]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(b"".join(ln + b"\n" for ln in lines))
-        os.replace(tmp, path)
-
-
 def main(argv=None):
     cfg = parse_config(argv)
     rank, world, device = D.setup(cfg.device, cfg.collective_timeout_s)
@@ -544,7 +527,7 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
         for f in ("metrics.jsonl", "rollouts.jsonl"):
-            keep_steps_upto(out / f, start - 1) if resume_from else (out / f).unlink(missing_ok=True)
+            C.keep_steps_upto(out / f, start - 1) if resume_from else (out / f).unlink(missing_ok=True)
     log(f"{cfg.preset}: {M.count_parameters(policy) / 1e6:.1f}M-parameter policy on {world} x {device.type}, "
         f"{len(records)} questions, {total_steps} steps of {cfg.rollout_batch_size} x {cfg.n_samples_per_prompt} samples")
 

@@ -34,7 +34,7 @@ import data
 import distributed as D
 import model as M
 from ppo import lr_schedule
-from train_ppo import arg, autocast, fault, keep_steps_upto, parse_flags  # flags, bf16 autocast, test hook, log trim
+from train_ppo import arg, autocast, fault, parse_flags  # flags, bf16 autocast, test hook
 
 # What follows the prompt before the letter: "Answer:" wants a space; a chat template's assistant turn does not.
 TARGET_PREFIX = {"direct": " ", "direct_chat": ""}
@@ -245,7 +245,7 @@ def main(argv=None):
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-        keep_steps_upto(out / "metrics.jsonl", start - 1) if resume_from else (out / "metrics.jsonl").unlink(missing_ok=True)
+        C.keep_steps_upto(out / "metrics.jsonl", start - 1) if resume_from else (out / "metrics.jsonl").unlink(missing_ok=True)
     e = examples[0]
     log(f"{cfg.preset}: {M.count_parameters(policy) / 1e6:.1f}M-parameter model on {world} x {device.type}, "
         f"{len(examples)} questions, {total_steps} steps of {cfg.train_batch_size}; first target "
