@@ -482,8 +482,9 @@ def step_metrics(exp, rows):
     return m
 
 
-def main(argv=None):
-    cfg = parse_config(argv)
+def start_run(cfg, check_config):
+    """What both trainers do first: join the process group, re-check the settings against the number of
+    ranks, seed, and find the checkpoint to resume from (rank 0 looks, every rank gets its answer)."""
     rank, world, device = D.setup(cfg.device, cfg.collective_timeout_s)
     if problems := check_config(cfg, world):
         raise SystemExit("bad settings:\n  " + "\n  ".join(problems))
@@ -494,6 +495,12 @@ def main(argv=None):
     if cfg.resume:
         resume_from = D.broadcast_object(C.find_resumable(out / "checkpoints", cfg.resume_fallback, log) if rank == 0 else None)
         log(f"resuming from {resume_from}" if resume_from else f"--resume: no checkpoint in {out}/checkpoints, starting fresh")
+    return rank, world, device, log, out, resume_from
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    rank, world, device, log, out, resume_from = start_run(cfg, check_config)
 
     # --- models: the trained policy, the frozen reference (the same base), the critic (PPO with GAE only)
     amp = cfg.dtype == "bfloat16" and device.type == "cuda"

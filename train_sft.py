@@ -18,14 +18,10 @@ on exactly the batches an uninterrupted single-process run would have.
 """
 import json
 import math
-import random
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -34,7 +30,7 @@ import data
 import distributed as D
 import model as M
 from ppo import lr_schedule
-from train_ppo import arg, autocast, fault, parse_flags  # flags, bf16 autocast, test hook
+from train_ppo import arg, autocast, fault, parse_flags, start_run  # flags, bf16 autocast, test hook, setup
 
 # What follows the prompt before the letter: "Answer:" wants a space; a chat template's assistant turn does not.
 TARGET_PREFIX = {"direct": " ", "direct_chat": ""}
@@ -216,16 +212,7 @@ def train_step(cfg, step, batch, policy, opt, sched, pad_id, world, device):
 # ======================================================================================================
 def main(argv=None):
     cfg = parse_config(argv)
-    rank, world, device = D.setup(cfg.device, cfg.collective_timeout_s)
-    if problems := check_config(cfg, world):
-        raise SystemExit("bad settings:\n  " + "\n  ".join(problems))
-    log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if rank == 0 else (lambda msg: None)
-    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
-    out = Path(cfg.out_dir)
-    resume_from = None
-    if cfg.resume:
-        resume_from = D.broadcast_object(C.find_resumable(out / "checkpoints", cfg.resume_fallback, log) if rank == 0 else None)
-        log(f"resuming from {resume_from}" if resume_from else f"--resume: no checkpoint in {out}/checkpoints, starting fresh")
+    rank, world, device, log, out, resume_from = start_run(cfg, check_config)
 
     # --- the model: fp32 master weights (bf16 compute by autocast or FSDP's mixed precision), sharded under torchrun
     amp = cfg.dtype == "bfloat16" and device.type == "cuda"
