@@ -111,6 +111,8 @@ class Config:
     device: str = arg("auto", "auto | cpu | cuda")
     dtype: str = arg("bfloat16", "compute dtype: bfloat16 (GPU) | float32; master weights and optimizer are fp32")
     gradient_checkpointing: bool = arg(True, "recompute activations in backward (less memory, ~30% more compute)")
+    pack_samples: bool = arg(True, "compute each prompt once for all of its samples in the reference, critic and update forwards (one packed row, a tree attention mask; model.pack); false: padded rows")
+    forward_token_budget: int = arg(16384, "tokens (rows x longest packed row) per no-grad forward of the reference and critic; 0: all at once")
     collective_timeout_s: float = arg(600.0, "a collective waiting longer than this fails the job instead of hanging")
     max_nonfinite_steps: int = arg(3, "stop after this many steps in a row skipped for a non-finite reward, loss or gradient")
 
@@ -294,26 +296,37 @@ def make_experience(cfg, step, recs, texts, positions, policy, ref, critic, tok,
     scores = torch.tensor(scores, dtype=torch.float32, device=device)  # [N]
     timer["score"] = time.time() - t0
 
-    # --- reference log-probs and critic values on the same tokens, micro-batch by micro-batch
+    # --- reference log-probs and critic values on the same tokens (each prompt once for all its samples)
     t0 = time.time()
     if cfg.recompute_logprobs:
-        old_logprobs = forward_in_chunks(cfg, lambda b: M.token_logprobs(policy, *b, cfg.temperature), seq, seq_attn, mask)
-    ref_logprobs = forward_in_chunks(cfg, lambda b: M.token_logprobs(ref, *b, cfg.temperature), seq, seq_attn, mask)
+        old_logprobs = forward_in_chunks(cfg, lambda b: logprobs_of(policy, b, cfg), seq, seq_attn, mask)
+    ref_logprobs = forward_in_chunks(cfg, lambda b: logprobs_of(ref, b, cfg), seq, seq_attn, mask)
     timer["reference"] = time.time() - t0
     t0 = time.time()
     values = torch.zeros_like(mask)  # [N, T]
     if critic is not None:
-        values = forward_in_chunks(cfg, lambda b: response_values(critic, *b), seq, seq_attn, mask)
+        values = forward_in_chunks(cfg, lambda b: values_of(critic, b), seq, seq_attn, mask)
     timer["critic"] = time.time() - t0
     exp = dict(seq=seq, attn=seq_attn, mask=mask, old_logprobs=old_logprobs * mask, ref_logprobs=ref_logprobs * mask,
                values=values * mask, scores=scores)
     return exp, rows
 
 
-def response_values(critic, seq, attn, T):
-    """V(s_t) for the state before each response token: [B, T] (the value at the token that precedes it)."""
+def logprobs_of(model, batch, cfg, **kw):
+    """log pi [b, T] of the response tokens of a batch: a model.Packed, or (seq, attn, T) padded rows."""
+    if isinstance(batch, M.Packed):
+        return M.packed_logprobs(model, batch, cfg.temperature, **kw)
+    seq, attn, T = batch
+    return M.token_logprobs(model, seq, attn, T, cfg.temperature, **kw)
+
+
+def values_of(critic, batch):
+    """V(s_t) [b, T] for the state before each response token (the value at the token that precedes it)."""
+    if isinstance(batch, M.Packed):
+        return M.packed_values(critic, batch)
+    seq, attn, T = batch
     L = seq.shape[1]
-    return M.critic_values(critic, seq, attn)[:, L - T - 1:L - 1]  # [B, T]
+    return M.critic_values(critic, seq, attn)[:, L - T - 1:L - 1]  # [b, T]
 
 
 def trim(seq, attn, mask):
@@ -325,14 +338,35 @@ def trim(seq, attn, mask):
     return seq[:, left:P + T], attn[:, left:P + T], T
 
 
+def micro_batch(cfg, seq, attn, mask):
+    """What a forward of these rows takes: packed (--pack_samples: each prompt once for all its samples, no
+    padding) when that computes fewer tokens than the rows, trimmed, do; else the padded rows, trimmed."""
+    seq, attn, T = trim(seq, attn, mask)
+    if cfg.pack_samples:
+        (packed,) = M.pack(seq, attn, mask[:, :T])
+        if packed.input_ids.numel() < seq.numel():
+            return packed
+    return seq, attn, T
+
+
 def forward_in_chunks(cfg, fn, seq, attn, mask):
-    """Run fn(seq, attn, T) -> [b, T] over micro-batches, each trimmed, and reassemble [N, T_all]."""
-    out = torch.zeros_like(mask)
-    for s in range(0, seq.shape[0], cfg.micro_batch_size):
-        e = s + cfg.micro_batch_size
-        b_seq, b_attn, T = trim(seq[s:e], attn[s:e], mask[s:e])
+    """fn(batch) -> [b, T] over all rows, reassembled as [N, T_all] (no gradients: reference, critic, old
+    log-probs). Packed (--pack_samples, when it computes fewer tokens): batches of at most
+    --forward_token_budget tokens, each prompt once for its samples. Else micro_batch_size padded rows at a
+    time, each micro-batch trimmed."""
+    out = torch.zeros_like(mask)  # [N, T_all]
+    mbs = range(0, seq.shape[0], cfg.micro_batch_size)
+    padded = [trim(seq[s:s + cfg.micro_batch_size], attn[s:s + cfg.micro_batch_size], mask[s:s + cfg.micro_batch_size])
+              for s in mbs]
+    packs = M.pack(seq, attn, mask, cfg.forward_token_budget) if cfg.pack_samples else []
+    if packs and sum(p.input_ids.numel() for p in packs) < sum(b[0].numel() for b in padded):
+        for packed in packs:
+            with autocast(cfg, seq.device):
+                out += fn(packed).float()  # [N, T_all], zero outside this batch's tokens
+        return out
+    for s, batch in zip(mbs, padded):
         with autocast(cfg, seq.device):
-            out[s:e, :T] = fn((b_seq, b_attn, T)).float()
+            out[s:s + cfg.micro_batch_size, :batch[2]] = fn(batch).float()
     return out
 
 
@@ -405,10 +439,13 @@ def ppo_update(cfg, step, exp, policy, critic, opts, scheds, world, rank):
             denom = tok_per_mb[k] if cfg.loss_agg == "token-mean" else cfg.train_batch_size
             for s in range(k * mb, (k + 1) * mb, cfg.micro_batch_size):
                 e = s + cfg.micro_batch_size
-                seq, attn, T = trim(exp["seq"][s:e], exp["attn"][s:e], exp["mask"][s:e])
+                batch = micro_batch(cfg, exp["seq"][s:e], exp["attn"][s:e], exp["mask"][s:e])
+                T = int(exp["mask"][s:e].sum(1).max())
                 b = {key: exp[key][s:e, :T] for key in ("mask", "old_logprobs", "ref_logprobs", "advantages", "returns", "values")}
-                with autocast(cfg, seq.device):
-                    logprobs, entropy = M.token_logprobs(policy, seq, attn, T, cfg.temperature, return_entropy=True)
+                with autocast(cfg, exp["seq"].device):
+                    # the entropy is logged always, back-propagated only when it is in the loss
+                    logprobs, entropy = logprobs_of(policy, batch, cfg, return_entropy=True,
+                                                    entropy_grad=cfg.entropy_coef != 0)  # [b, T] x2
                     loss, st = policy_loss(logprobs, b["old_logprobs"], b["advantages"], b["mask"], cfg.clip_eps,
                                            cfg.loss_agg, denom)
                     ent = aggregate(entropy, b["mask"], cfg.loss_agg, denom)
@@ -426,8 +463,8 @@ def ppo_update(cfg, step, exp, policy, critic, opts, scheds, world, rank):
                 stats["approx_kl"] += st["approx_kl"] * n_tok
                 stats["tokens"] += n_tok
                 if critic is not None:
-                    with autocast(cfg, seq.device):
-                        v = response_values(critic, seq, attn, T)  # [b, T]
+                    with autocast(cfg, exp["seq"].device):
+                        v = values_of(critic, batch)  # [b, T]
                         vloss, vst = value_loss(v, b["values"], b["returns"], b["mask"], cfg.value_clip_eps,
                                                 cfg.loss_agg, denom)
                     (vloss * world).backward()

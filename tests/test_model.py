@@ -144,6 +144,114 @@ def test_gradient_checkpointing_same_gradient():
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
 
 
+def sampled_batch(tok, prompts, responses):
+    """The trainer's layout: left-padded prompts, then right-padded responses. prompts[i] and responses[i]
+    are row i's texts; returns seq, attn [B, P+T] and the response mask [B, T]."""
+    p_ids = [tok(t).input_ids for t in prompts]
+    r_ids = [tok(t).input_ids for t in responses]
+    P, T = max(map(len, p_ids)), max(map(len, r_ids))
+    seq = torch.full((len(prompts), P + T), tok.pad_token_id)
+    attn = torch.zeros_like(seq)
+    mask = torch.zeros(len(prompts), T)
+    for i, (p, r) in enumerate(zip(p_ids, r_ids)):
+        seq[i, P - len(p):P], seq[i, P:P + len(r)] = torch.tensor(p), torch.tensor(r)
+        attn[i, P - len(p):P + len(r)] = 1
+        mask[i, :len(r)] = 1
+    return seq, attn, mask
+
+
+# two prompts sampled 3 and 2 times (not adjacent), one sampled once; responses of 1 to 9 tokens
+PACK_PROMPTS = ["Q: 2+2?\nA. 3\nB. 4", "Q: 2+2?\nA. 3\nB. 4", "Hi there", "Q: 2+2?\nA. 3\nB. 4", "Hi there", "Z"]
+PACK_RESPONSES = ["B</answer>", "x", "<think>a</think> <answer>A", "4 is B", "ok", "<answer>C</answer>"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("max_tokens", [0, 30])
+def test_packed_forward_equals_the_padded_one(arch, max_tokens):
+    """Each prompt computed once for all its samples (a tree mask) gives the padded forward's log-probs,
+    entropies and values, whether the trees go in one batch or in several (max_tokens 30: a batch of at most 30 tokens)."""
+    model, tok = M.load_tiny(arch, seed=3, hidden=32)
+    critic = M.load_critic(model)
+    seq, attn, mask = sampled_batch(tok, PACK_PROMPTS, PACK_RESPONSES)
+    T = mask.shape[1]
+    lp_ref, ent_ref = direct_logprobs(model, seq, attn, T, 0.7)
+    v_ref = M.critic_values(critic, seq, attn)[:, -T - 1:-1]
+    packs = M.pack(seq, attn, mask, max_tokens)
+    assert sum(p.input_ids.shape[0] for p in packs) == 3  # three distinct prompts, three trees
+    assert len(packs) == 1 if max_tokens == 0 else len(packs) > 1
+    assert all(p.input_ids.numel() <= max_tokens for p in packs if max_tokens and p.input_ids.shape[0] > 1)
+    # every response token is predicted exactly once, from its own row
+    dst = torch.cat([p.dst for p in packs])
+    assert sorted(dst.tolist()) == mask.flatten().nonzero()[:, 0].tolist()
+    with torch.no_grad():
+        lp = sum(M.packed_logprobs(model, p, 0.7, return_entropy=True)[0] for p in packs)
+        ent = sum(M.packed_logprobs(model, p, 0.7, return_entropy=True)[1] for p in packs)
+        v = sum(M.packed_values(critic, p) for p in packs)
+    for ours, ref in ((lp, lp_ref), (ent, ent_ref), (v, v_ref)):
+        assert ours.shape == (6, T)
+        torch.testing.assert_close(ours, ref * mask, atol=1e-5, rtol=0)
+
+
+def test_packed_tokens_and_tree_mask():
+    """A packed row is the prompt once, then each response: P + sum(T_i) tokens, not n (P + T). A response
+    token attends to the prompt and to its own earlier tokens only; padding attends to itself."""
+    _, tok = M.load_tiny("qwen2")
+    seq, attn, mask = sampled_batch(tok, ["abcd", "abcd", "xy"], ["12", "345", "6"])
+    packs = M.pack(seq, attn, mask)
+    assert len(packs) == 1
+    p = packs[0]
+    assert p.input_ids.shape == (2, 4 + 2 + 3)  # the longer tree: "abcd" + "12" + "345"; "xy6" is padded
+    tree = p.input_ids[1].tolist()  # trees are sorted by length: "xy"+"6" first, then "abcd"+"12"+"345"
+    assert tok.decode(tree) == "abcd12345" and tok.decode(p.input_ids[0, :3]) == "xy6"
+    assert p.position_ids[1].tolist() == [0, 1, 2, 3, 4, 5, 4, 5, 6]  # each response continues the prompt
+    m = p.attention_mask[1, 0].int()  # [9, 9]
+    assert m[6].tolist() == [1, 1, 1, 1, 0, 0, 1, 0, 0]  # "3" sees "abcd" and itself, not "12"
+    assert m[8].tolist() == [1, 1, 1, 1, 0, 0, 1, 1, 1]
+    assert m[5].tolist() == [1, 1, 1, 1, 1, 1, 0, 0, 0]
+    pad = p.attention_mask[0, 0].int()
+    assert pad[5].tolist() == [0, 0, 0, 0, 0, 1, 0, 0, 0]  # padding: itself only
+    # the token "3" (row 1, response column 0) is predicted by the prompt's last token "d"
+    T = mask.shape[1]
+    k = (p.dst == 1 * T + 0).nonzero()[0, 0]
+    assert p.src[k] == 1 * 9 + 3 and p.targets[k] == p.input_ids[1, 6]
+
+
+def test_packed_gradient_equals_the_padded_one():
+    """The update trains on packed forwards: the same loss gives the same gradient (actor and critic), also
+    through the eager attention path (an additive float mask instead of SDPA's boolean one)."""
+    for impl in ("sdpa", "eager"):
+        model, tok = M.load_tiny("qwen2", seed=4, hidden=32)
+        model.config._attn_implementation = impl
+        critic = M.load_critic(model)
+        seq, attn, mask = sampled_batch(tok, PACK_PROMPTS, PACK_RESPONSES)
+        T = mask.shape[1]
+        weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(0)) * mask  # [B, T]
+
+        def grads(m, loss_fn):
+            m.zero_grad()
+            loss_fn().backward()
+            return [q.grad.clone() for q in m.parameters() if q.grad is not None]
+
+        (packed,) = M.pack(seq, attn, mask)
+        pairs = [(grads(model, lambda: (M.packed_logprobs(model, packed, chunk_tokens=4) * weights).sum()),
+                  grads(model, lambda: (M.token_logprobs(model, seq, attn, T) * weights).sum())),
+                 (grads(critic, lambda: (M.packed_values(critic, packed) * weights).sum()),
+                  grads(critic, lambda: (M.critic_values(critic, seq, attn)[:, -T - 1:-1] * weights).sum()))]
+        for ours, ref in pairs:
+            assert len(ours) == len(ref) > 0
+            for a, b in zip(ours, ref):
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_entropy_without_gradient_when_not_trained_on():
+    model, tok = M.load_tiny("qwen2", seed=4, hidden=32)
+    ids, mask = batch(tok)
+    lp, ent = M.token_logprobs(model, ids, mask, 6, return_entropy=True, entropy_grad=False)
+    assert lp.requires_grad and not ent.requires_grad
+    lp2, ent2 = M.token_logprobs(model, ids, mask, 6, return_entropy=True)
+    assert ent2.requires_grad and torch.equal(ent, ent2.detach()) and torch.equal(lp, lp2)
+
+
 def test_bf16_load():
     model, tok = M.load_policy("tiny-qwen2", dtype="bfloat16", gradient_checkpointing=True)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
@@ -217,6 +325,21 @@ def test_write_atomically_first_writer_wins(tmp_path):
 
     M._write_atomically(target, slow_writer, replace=False)
     assert os.listdir(target) == ["theirs.txt"] and os.listdir(tmp_path) == ["smollm2-135m"]
+
+
+def test_loaded_weights_own_aligned_memory(tmp_path):
+    """from_pretrained leaves CPU weights inside the file's buffer at unaligned offsets, where matmul kernels
+    round differently (a resumed run drifted from the uninterrupted one in the last bit): load_policy and
+    load_critic copy them to 64-byte aligned memory, keeping tied embeddings tied."""
+    policy, tok = M.load_tiny("qwen2", seed=12)
+    M.save_model(policy, tok, tmp_path / "p")
+    M.save_model(M.load_critic(policy), tok, tmp_path / "c")
+    loaded, _ = M.load_policy(str(tmp_path / "p"))
+    critic = M.load_critic(str(tmp_path / "c"))
+    for m in (loaded, critic):
+        assert all(t.data_ptr() % 64 == 0 for t in [*m.parameters(), *m.buffers()])
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert same_weights(loaded, policy)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
