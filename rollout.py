@@ -157,6 +157,20 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
 
 
+def _linear(lin, x: torch.Tensor) -> torch.Tensor:
+    """lin(x) for x [b, s, in] -> [b, s, out]. For a few rows on CPU (decoding: b*s <= 64) it computes
+    (W x^T)^T instead of x W^T: the same numbers up to rounding, but MKL runs that layout 1.2-1.9x faster
+    on SmolLM2's shapes (its kernel for a skinny x barely uses the second core; measured in the issue-8
+    benchmarks, BENCHMARKS.md). GPUs and larger batches take the module's own forward."""
+    b, s, _ = x.shape
+    if x.device.type != "cpu" or not 2 <= b * s <= 64:
+        return lin(x)
+    y = (lin.weight @ x.reshape(b * s, -1).t()).t().contiguous()  # [b*s, out]
+    if lin.bias is not None:
+        y = y + lin.bias
+    return y.view(b, s, -1)
+
+
 def _layer_step(layer, x, cos, sin, cache_k, cache_v, start, mask):
     """One decoder layer on x [b, s, D] whose tokens go to cache slots start..start+s-1.
 
@@ -167,9 +181,9 @@ def _layer_step(layer, x, cos, sin, cache_k, cache_v, start, mask):
     b, s, _ = x.shape
     d = cache_k.shape[-1]
     h = layer.input_layernorm(x)  # [b, s, D]
-    q = attn.q_proj(h).view(b, s, -1, d).transpose(1, 2)  # [b, H, s, d] (q/k/v biases live in the Linear)
-    k = attn.k_proj(h).view(b, s, -1, d).transpose(1, 2)  # [b, KV, s, d]
-    v = attn.v_proj(h).view(b, s, -1, d).transpose(1, 2)  # [b, KV, s, d]
+    q = _linear(attn.q_proj, h).view(b, s, -1, d).transpose(1, 2)  # [b, H, s, d] (q/k/v biases live in the Linear)
+    k = _linear(attn.k_proj, h).view(b, s, -1, d).transpose(1, 2)  # [b, KV, s, d]
+    v = _linear(attn.v_proj, h).view(b, s, -1, d).transpose(1, 2)  # [b, KV, s, d]
     if hasattr(attn, "q_norm"):  # qwen3: RMSNorm per head before RoPE
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = _rope(q, cos, sin), _rope(k, cos, sin)
@@ -177,8 +191,9 @@ def _layer_step(layer, x, cos, sin, cache_k, cache_v, start, mask):
     cache_k[:, :, start:end] = k  # write in place: no torch.cat, nothing reallocated
     cache_v[:, :, start:end] = v
     o = _attend(q, cache_k[:, :, :end], cache_v[:, :, :end], mask, attn.scaling)  # [b, H, s, d], filled prefix only
-    x = x + attn.o_proj(o.transpose(1, 2).reshape(b, s, -1))  # [b, s, D]
-    return x + layer.mlp(layer.post_attention_layernorm(x))  # SwiGLU: down(act(gate(h)) * up(h))
+    x = x + _linear(attn.o_proj, o.transpose(1, 2).reshape(b, s, -1))  # [b, s, D]
+    mlp, h = layer.mlp, layer.post_attention_layernorm(x)  # [b, s, D]
+    return x + _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, h)) * _linear(mlp.up_proj, h))  # SwiGLU
 
 
 def _forward_last(model, ids, pos, cache, start, mask) -> torch.Tensor:
@@ -194,7 +209,7 @@ def _forward_last(model, ids, pos, cache, start, mask) -> torch.Tensor:
     cos, sin = cos[:, None], sin[:, None]  # [b, 1, s, d] broadcast over heads
     for layer, (k, v) in zip(inner.layers, cache):
         x = _layer_step(layer, x, cos, sin, k, v, start, mask)
-    return model.lm_head(inner.norm(x[:, -1])).float()  # [b, V]
+    return _linear(model.lm_head, inner.norm(x[:, -1:]))[:, 0].float()  # [b, V]
 
 
 def _prefill(model, input_ids, attention_mask, n_real, cache) -> torch.Tensor:
