@@ -9,11 +9,13 @@ Sections, each a table row group, every ratio measured in this one run (alternat
   machine     peak matmul FLOP/s (fp32 2048^2 and 4096^2 on CPU, bf16 on GPU) and copy bandwidth (read + write)
   generation  useful tokens/s of rollout.generate vs transformers' generate (bench/rollout_bench.py's
               workloads), and decode ms/step vs the bound bandwidth / (weight bytes + KV cache bytes read)
-  update      train_ppo.ppo_update (actor token_logprobs + policy_loss, critic values + value_loss, AdamW)
-              vs a plain transformers forward + backward (logits, cross-entropy; critic logits, MSE) + AdamW
-              on the same tokens: tokens/s, ratio, MFU = 6 x parameters x tokens / s / measured peak
-  step        one whole PPO step of the demo preset (bench/ppo_step.py runs train_ppo.main): the time_*
-              fields of metrics.jsonl, and the step's peak RSS against weights + gradients + AdamW + KV cache
+  update      train_ppo.ppo_update (actor log-probs + policy_loss, critic values + value_loss, AdamW) vs a
+              plain transformers forward + backward (logits, cross-entropy; critic logits, MSE) + AdamW on the
+              same rows: unique prompts (ours' overhead), then prompts shared by 4 samples (packed and padded);
+              ratio, MFU = 6 x parameters x tokens computed / s / measured peak
+  step        one whole PPO step of the demo preset (bench/ppo_step.py runs train_ppo.main), padded rows then
+              packed (the default), same samples: the time_* fields of metrics.jsonl, and the step's peak RSS
+              against weights + gradients + AdamW + KV cache
   fsdp        bytes per rank of parameters, gradients and AdamW state of actor and critic under FSDP2,
               torchrun with 1 and 2 processes (gloo), bench/fsdp_memory.py
   grpo        a GRPO-mode step on TRL's settings (1 prompt x 8 completions of <= 128 tokens) vs TRL's
@@ -145,63 +147,87 @@ def bench_generation(args, limits):
 # ======================================================================================================
 # update: the trainer's PPO update vs a plain transformers forward + backward on the same tokens
 # ======================================================================================================
-def update_batch(vocab, batch, prompt_len, response_len, seed=0):
-    """A full batch of the trainer's experience on random tokens: what ppo_update reads."""
+def update_batch(vocab, batch, prompt_len, response_len, seed=0, samples_per_prompt=1):
+    """A full batch of the trainer's experience on random tokens: what ppo_update reads. samples_per_prompt > 1:
+    consecutive rows share their prompt and responses end at random lengths (between a third and all of
+    response_len), as after sampling."""
     g = torch.Generator().manual_seed(seed)
     L, T = prompt_len + response_len, response_len
     seq = torch.randint(0, vocab, (batch, L), generator=g)  # [B, L]
     mask = torch.ones(batch, T)  # [B, T] every response token counts (no padding: the plain baseline has none)
-    old = -torch.rand(batch, T, generator=g) * 3  # [B, T]
-    return dict(seq=seq, attn=torch.ones_like(seq), mask=mask, old_logprobs=old, ref_logprobs=old.clone(),
-                advantages=torch.randn(batch, T, generator=g), returns=torch.randn(batch, T, generator=g),
+    if samples_per_prompt > 1:
+        seq[:, :prompt_len] = seq[::samples_per_prompt, :prompt_len].repeat_interleave(samples_per_prompt, 0)
+        lengths = torch.randint(T // 3, T + 1, (batch,), generator=g)  # [B]
+        mask = (torch.arange(T)[None, :] < lengths[:, None]).float()  # [B, T]
+    attn = torch.cat([torch.ones(batch, prompt_len, dtype=torch.long), mask.long()], 1)  # [B, L]
+    old = -torch.rand(batch, T, generator=g) * 3 * mask  # [B, T]
+    return dict(seq=seq, attn=attn, mask=mask, old_logprobs=old, ref_logprobs=old.clone(),
+                advantages=torch.randn(batch, T, generator=g) * mask, returns=torch.randn(batch, T, generator=g) * mask,
                 values=torch.zeros(batch, T))
 
 
 def bench_update(args, limits):
+    """Two workloads. Unique prompts, no padding: ppo_update's own overhead against a plain forward +
+    backward on the same tokens. Shared prompts (--update_group samples each, responses of random length):
+    the trainer's packed forward (each prompt once) and its padded one, against the plain loop on the padded
+    rows; MFU counts the tokens each one actually computes."""
     import model as M
     import train_ppo
     policy, tok = M.load_policy(args.model)
     critic = M.load_critic(args.model)
     policy.train(), critic.train()
     B, mb = args.update_batch, args.micro_batch
-    exp = update_batch(len(tok), B, args.prompt_len, args.response_len)
-    cfg = train_ppo.Config(**{**train_ppo.PRESETS["demo"], "model": args.model, "rollout_batch_size": B,
-                              "n_samples_per_prompt": 1, "train_batch_size": B, "micro_batch_size": mb})
     opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-7, betas=(0.9, 0.95)) for n, m in (("policy", policy), ("critic", critic))}
     scheds = {n: torch.optim.lr_scheduler.LambdaLR(o, lambda i: 1.0) for n, o in opts.items()}
-
-    def ours():
-        train_ppo.ppo_update(cfg, 1, exp, policy, critic, opts, scheds, world=1, rank=0)
-
-    def plain():  # what any transformers training loop does with the same tokens, same micro-batches and AdamW
-        seq = exp["seq"]
-        for s in range(0, B, mb):
-            ids = seq[s:s + mb]  # [mb, L]
-            logits = policy(input_ids=ids).logits  # [mb, L, V]
-            F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
-            v = critic(input_ids=ids).logits[..., 0]  # [mb, L]
-            F.mse_loss(v.float(), torch.zeros_like(v)).backward()
-        for name, m in (("policy", policy), ("critic", critic)):
-            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-            opts[name].step()
-            opts[name].zero_grad(set_to_none=True)
-
-    t = {"ours": [], "plain": []}
-    for _ in range(args.repeats):  # alternate, so both see the same background load; the best of each is kept
-        for name, fn in (("plain", plain), ("ours", ours)):
-            t0 = time.perf_counter()
-            fn()
-            t[name].append(time.perf_counter() - t0)
-    tokens = B * exp["seq"].shape[1]
     n_params = M.count_parameters(policy) + M.count_parameters(critic)
     rows = []
-    for name, label in (("plain", "plain transformers forward + backward + AdamW"),
-                        ("ours", "train_ppo.ppo_update (actor + critic)")):
-        s = min(t[name])
-        mfu = 6 * n_params * tokens / s / limits["peak_flops"]
-        rows.append(f"| update | {label}, {B} x {exp['seq'].shape[1]} tokens ({args.response_len} response), "
-                    f"micro-batch {mb}: {s:.2f} s | {tokens / s:.0f} tokens/s, MFU {mfu:.0%} | "
-                    f"{min(t['plain']) / s:.2f}x plain |")
+    for group in (1, args.update_group):
+        exp = update_batch(len(tok), B, args.prompt_len, args.response_len, samples_per_prompt=group)
+
+        def ours(pack):
+            cfg = train_ppo.Config(**{**train_ppo.PRESETS["demo"], "model": args.model, "rollout_batch_size": B // group,
+                                      "n_samples_per_prompt": group, "train_batch_size": B, "micro_batch_size": mb,
+                                      "pack_samples": pack})
+            train_ppo.ppo_update(cfg, 1, exp, policy, critic, opts, scheds, world=1, rank=0)
+
+        def plain():  # what any transformers training loop does with the same rows, same micro-batches and AdamW
+            for s in range(0, B, mb):
+                ids = exp["seq"][s:s + mb]  # [mb, L]
+                logits = policy(input_ids=ids).logits  # [mb, L, V]
+                F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+                v = critic(input_ids=ids).logits[..., 0]  # [mb, L]
+                F.mse_loss(v.float(), torch.zeros_like(v)).backward()
+            for name, m in (("policy", policy), ("critic", critic)):
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+                opts[name].step()
+                opts[name].zero_grad(set_to_none=True)
+
+        # tokens each one computes: the plain loop every column of every row; ours trims micro-batches or packs them
+        cfg = train_ppo.Config(**{**train_ppo.PRESETS["demo"], "micro_batch_size": mb})
+        computed = {"plain": exp["seq"].numel()}
+        for name, pack in (("padded", False), ("packed", True)):
+            cfg.pack_samples = pack
+            batches = [train_ppo.micro_batch(cfg, exp["seq"][s:s + mb], exp["attn"][s:s + mb], exp["mask"][s:s + mb])
+                       for s in range(0, B, mb)]
+            computed[name] = sum(x.input_ids.numel() if isinstance(x, M.Packed) else x[0].numel() for x in batches)
+        runs = [("plain", plain), ("padded", lambda: ours(False))] + ([("packed", lambda: ours(True))] if group > 1 else [])
+        t = {name: [] for name, _ in runs}
+        for _ in range(args.repeats):  # alternate, so all see the same background load; the best of each is kept
+            for name, fn in runs:
+                t0 = time.perf_counter()
+                fn()
+                t[name].append(time.perf_counter() - t0)
+        what = (f"{B} x {exp['seq'].shape[1]} tokens, unique prompts, {args.response_len} response tokens each" if group == 1
+                else f"{B // group} prompts x {group} samples, {args.prompt_len} + up to {args.response_len} tokens "
+                     f"({int(exp['mask'].sum())} response tokens)")
+        labels = {"plain": "plain transformers forward + backward + AdamW",
+                  "padded": "train_ppo.ppo_update, padded rows" if group > 1 else "train_ppo.ppo_update (actor + critic)",
+                  "packed": "train_ppo.ppo_update, packed (each prompt once)"}
+        for name, _ in runs:
+            sec = min(t[name])
+            mfu = 6 * n_params * computed[name] / sec / limits["peak_flops"]
+            rows.append(f"| update | {labels[name]}, {what}, micro-batch {mb}: {sec:.2f} s | {computed[name]} tokens "
+                        f"computed, MFU {mfu:.0%} | {min(t['plain']) / sec:.2f}x plain |")
     return rows
 
 
@@ -227,24 +253,37 @@ def ppo_steps(train_args, timeout):
 
 
 def bench_step(args):
+    """One demo step twice in this run: padded rows (--pack_samples false, as a plain training loop would)
+    then packed (the default: each prompt once for its samples), same samples, phase by phase."""
     train_args = ["--preset", "smoke" if args.quick else "demo", "--max_steps", "1"]
-    r = ppo_steps(train_args, 1200)
-    m = r["metrics"][0]
+    runs = {name: ppo_steps(train_args + ["--pack_samples", flag], 1200) for name, flag in (("padded", "false"), ("packed", "true"))}
+    m = {name: r["metrics"][0] for name, r in runs.items()}
     phases = ["generate", "score", "reference", "critic", "update"]
-    total = m["time_step"]
-    rows = [f"| step | {' '.join(train_args)}: whole step ({m['samples']} samples, {m['response_tokens']:.0f} "
-            f"response tokens each on average) | {total:.1f} s | 100% |"]
-    for ph in phases:
-        s = m.get(f"time_{ph}", 0.0)
-        rows.append(f"| step | {ph} | {s:.1f} s | {s / total:.0%} |")
-    rest = total - sum(m.get(f"time_{ph}", 0.0) for ph in phases)
-    rows.append(f"| step | other (advantages, metrics, logs) | {rest:.1f} s | {rest / total:.0%} |")
-    b = r["budget"]
-    need = sum(b.values())
-    peak = next(iter(r["peak_rss"].values()), float("nan"))
-    rows.append(f"| step | peak RSS of the step vs weights {b['weights'] / GB:.2f} + gradients {b['gradients'] / GB:.2f} + "
-                f"AdamW {b['adamw'] / GB:.2f} + KV cache {b['kv_cache'] / GB:.2f} = {need / GB:.2f} GB | "
-                f"{peak / GB:.2f} GB | {peak / need:.2f}x (target <= 2x) |")
+    time_of = lambda name, ph: m[name].get(f"time_{ph}", 0.0)  # noqa: E731
+    rows = [f"| step | {' '.join(train_args)}: whole step ({m['packed']['samples']} samples, "
+            f"{m['packed']['response_tokens']:.0f} response tokens each on average), packed (padded) | "
+            f"{time_of('packed', 'step'):.1f} s ({time_of('padded', 'step'):.1f} s) | 100%; "
+            f"{time_of('padded', 'step') / time_of('packed', 'step'):.2f}x faster than padded |"]
+    for ph in phases + ["other"]:
+        if ph == "other":
+            t = {n: time_of(n, "step") - sum(time_of(n, x) for x in phases) for n in m}
+            label = "other (advantages, metrics, logs)"
+        else:
+            t, label = {n: time_of(n, ph) for n in m}, ph
+        speed = f"; {t['padded'] / t['packed']:.2f}x" if t["packed"] > 0.5 else ""
+        rows.append(f"| step | {label}, packed (padded) | {t['packed']:.1f} s ({t['padded']:.1f} s) | "
+                    f"{t['packed'] / time_of('packed', 'step'):.0%}{speed} |")
+    for name in ("packed", "padded"):
+        b = runs[name]["budget"]
+        need = sum(b.values())
+        peak = next(iter(runs[name]["peak_rss"].values()), float("nan"))
+        rows.append(f"| step | {name}: peak RSS of the step vs weights {b['weights'] / GB:.2f} + gradients "
+                    f"{b['gradients'] / GB:.2f} + AdamW {b['adamw'] / GB:.2f} + KV cache {b['kv_cache'] / GB:.2f} = "
+                    f"{need / GB:.2f} GB | {peak / GB:.2f} GB | {peak / need:.2f}x (target <= 2x) |")
+    a, b = (m[n].get("policy_loss", float("nan")) for n in ("packed", "padded"))
+    same = abs(a - b) <= 1e-6 * max(1.0, abs(b))  # the same samples and loss, up to float rounding
+    rows.append(f"| step | same samples, same loss: policy_loss packed {a:.7f}, padded {b:.7f} | "
+                f"{'equal to 1e-6' if same else 'DIFFERENT'} | |")
     return rows
 
 
@@ -308,7 +347,8 @@ def main(argv=None):
     p.add_argument("--gen_repeats", type=int, default=1, help="runs of each generator (seeds 0, 1, ...), summed")
     p.add_argument("--update_batch", type=int, default=8)
     p.add_argument("--micro_batch", type=int, default=4)
-    p.add_argument("--prompt_len", type=int, default=128)
+    p.add_argument("--update_group", type=int, default=4, help="samples per prompt of the update's shared-prompt workload")
+    p.add_argument("--prompt_len", type=int, default=128, help="the update section's prompt tokens")
     p.add_argument("--response_len", type=int, default=128)
     p.add_argument("--grpo_steps", type=int, default=2, help="GRPO-mode steps of ours (a step whose 8 rewards are "
                    "all equal skips its update: the table says how many updated)")
