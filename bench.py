@@ -203,11 +203,9 @@ def bench_update(args, limits):
                 opts[name].zero_grad(set_to_none=True)
 
         # tokens each one computes: the plain loop every column of every row; ours trims micro-batches or packs them
-        cfg = train_ppo.Config(**{**train_ppo.PRESETS["demo"], "micro_batch_size": mb})
         computed = {"plain": exp["seq"].numel()}
         for name, pack in (("padded", False), ("packed", True)):
-            cfg.pack_samples = pack
-            batches = [train_ppo.micro_batch(cfg, exp["seq"][s:s + mb], exp["attn"][s:s + mb], exp["mask"][s:s + mb])
+            batches = [M.response_batch(exp["seq"][s:s + mb], exp["attn"][s:s + mb], exp["mask"][s:s + mb], pack)
                        for s in range(0, B, mb)]
             computed[name] = sum(x.input_ids.numel() if isinstance(x, M.Packed) else x[0].numel() for x in batches)
         runs = [("plain", plain), ("padded", lambda: ours(False))] + ([("packed", lambda: ours(True))] if group > 1 else [])

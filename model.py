@@ -304,6 +304,47 @@ def packed_values(critic, packed: Packed) -> torch.Tensor:
     return packed.unpack(v.reshape(-1)[packed.src])  # [B, T]
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The trainers' view: a batch of response rows, packed or padded.
+# ----------------------------------------------------------------------------------------------------------
+def trim(seq, attn, response_mask):
+    """Drop the columns that are padding in every row: left of the longest prompt and right of the longest
+    response, so no compute is spent on them. Returns seq, attn [b, P'+T'] and T'."""
+    P = seq.shape[1] - response_mask.shape[1]
+    left = int((attn[:, :P].sum(0) == 0).sum())  # leading all-padding columns (prompts are left padded)
+    T = int(response_mask.sum(1).max())
+    return seq[:, left:P + T], attn[:, left:P + T], T
+
+
+def response_batch(seq, attn, response_mask, packed=True):
+    """What one forward of these rows takes: a Packed batch (each prompt once for its samples) when `packed` and
+    that computes fewer tokens than the trimmed rows (with nothing shared and no padding, the rows keep SDPA's
+    causal path); else the padded rows, trimmed: (seq, attn, T)."""
+    seq, attn, T = trim(seq, attn, response_mask)
+    if packed:
+        (batch,) = pack(seq, attn, response_mask[:, :T])
+        if batch.input_ids.numel() < seq.numel():
+            return batch
+    return seq, attn, T
+
+
+def response_logprobs(model, batch, temperature=1.0, **kw):
+    """log pi [b, T] of the response tokens of a batch: a Packed, or padded rows (seq, attn, T)."""
+    if isinstance(batch, Packed):
+        return packed_logprobs(model, batch, temperature, **kw)
+    seq, attn, T = batch
+    return token_logprobs(model, seq, attn, T, temperature, **kw)
+
+
+def response_values(critic, batch):
+    """V(s_t) [b, T] for the state before each response token (the critic's output at the token before it)."""
+    if isinstance(batch, Packed):
+        return packed_values(critic, batch)
+    seq, attn, T = batch
+    L = seq.shape[1]
+    return critic_values(critic, seq, attn)[:, L - T - 1:L - 1]  # [b, T]
+
+
 def critic_values(critic, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
     """V(s_t) for every position of input_ids [B, L] -> [B, L] fp32 (value of the state ending at token t)."""
     if position_ids is None:

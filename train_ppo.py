@@ -299,74 +299,33 @@ def make_experience(cfg, step, recs, texts, positions, policy, ref, critic, tok,
     # --- reference log-probs and critic values on the same tokens (each prompt once for all its samples)
     t0 = time.time()
     if cfg.recompute_logprobs:
-        old_logprobs = forward_in_chunks(cfg, lambda b: logprobs_of(policy, b, cfg), seq, seq_attn, mask)
-    ref_logprobs = forward_in_chunks(cfg, lambda b: logprobs_of(ref, b, cfg), seq, seq_attn, mask)
+        old_logprobs = forward_in_chunks(cfg, lambda b: M.response_logprobs(policy, b, cfg.temperature), seq, seq_attn, mask)
+    ref_logprobs = forward_in_chunks(cfg, lambda b: M.response_logprobs(ref, b, cfg.temperature), seq, seq_attn, mask)
     timer["reference"] = time.time() - t0
     t0 = time.time()
     values = torch.zeros_like(mask)  # [N, T]
     if critic is not None:
-        values = forward_in_chunks(cfg, lambda b: values_of(critic, b), seq, seq_attn, mask)
+        values = forward_in_chunks(cfg, lambda b: M.response_values(critic, b), seq, seq_attn, mask)
     timer["critic"] = time.time() - t0
     exp = dict(seq=seq, attn=seq_attn, mask=mask, old_logprobs=old_logprobs * mask, ref_logprobs=ref_logprobs * mask,
                values=values * mask, scores=scores)
     return exp, rows
 
 
-def logprobs_of(model, batch, cfg, **kw):
-    """log pi [b, T] of the response tokens of a batch: a model.Packed, or (seq, attn, T) padded rows."""
-    if isinstance(batch, M.Packed):
-        return M.packed_logprobs(model, batch, cfg.temperature, **kw)
-    seq, attn, T = batch
-    return M.token_logprobs(model, seq, attn, T, cfg.temperature, **kw)
-
-
-def values_of(critic, batch):
-    """V(s_t) [b, T] for the state before each response token (the value at the token that precedes it)."""
-    if isinstance(batch, M.Packed):
-        return M.packed_values(critic, batch)
-    seq, attn, T = batch
-    L = seq.shape[1]
-    return M.critic_values(critic, seq, attn)[:, L - T - 1:L - 1]  # [b, T]
-
-
-def trim(seq, attn, mask):
-    """Drop the columns that are padding in every row of a micro-batch: left of the longest prompt and
-    right of the longest response, so no compute is spent on them."""
-    P = seq.shape[1] - mask.shape[1]
-    left = int((attn[:, :P].sum(0) == 0).sum())  # leading all-padding columns (prompts are left padded)
-    T = int(mask.sum(1).max())
-    return seq[:, left:P + T], attn[:, left:P + T], T
-
-
-def micro_batch(cfg, seq, attn, mask):
-    """What a forward of these rows takes: packed (--pack_samples: each prompt once for all its samples, no
-    padding) when that computes fewer tokens than the rows, trimmed, do; else the padded rows, trimmed."""
-    seq, attn, T = trim(seq, attn, mask)
-    if cfg.pack_samples:
-        (packed,) = M.pack(seq, attn, mask[:, :T])
-        if packed.input_ids.numel() < seq.numel():
-            return packed
-    return seq, attn, T
-
-
 def forward_in_chunks(cfg, fn, seq, attn, mask):
-    """fn(batch) -> [b, T] over all rows, reassembled as [N, T_all] (no gradients: reference, critic, old
-    log-probs). Packed (--pack_samples, when it computes fewer tokens): batches of at most
-    --forward_token_budget tokens, each prompt once for its samples. Else micro_batch_size padded rows at a
-    time, each micro-batch trimmed."""
+    """fn(batch) -> [b, T] over all rows, reassembled as [N, T_all], without gradients (reference, critic, old
+    log-probs): packed batches of at most --forward_token_budget tokens, each prompt once for its samples;
+    or (--pack_samples false) micro_batch_size padded rows at a time, each micro-batch trimmed."""
     out = torch.zeros_like(mask)  # [N, T_all]
-    mbs = range(0, seq.shape[0], cfg.micro_batch_size)
-    padded = [trim(seq[s:s + cfg.micro_batch_size], attn[s:s + cfg.micro_batch_size], mask[s:s + cfg.micro_batch_size])
-              for s in mbs]
-    packs = M.pack(seq, attn, mask, cfg.forward_token_budget) if cfg.pack_samples else []
-    if packs and sum(p.input_ids.numel() for p in packs) < sum(b[0].numel() for b in padded):
-        for packed in packs:
-            with autocast(cfg, seq.device):
+    mb = cfg.micro_batch_size
+    with autocast(cfg, seq.device):
+        if cfg.pack_samples:
+            for packed in M.pack(seq, attn, mask, cfg.forward_token_budget):
                 out += fn(packed).float()  # [N, T_all], zero outside this batch's tokens
-        return out
-    for s, batch in zip(mbs, padded):
-        with autocast(cfg, seq.device):
-            out[s:s + cfg.micro_batch_size, :batch[2]] = fn(batch).float()
+        else:
+            for s in range(0, seq.shape[0], mb):
+                batch = M.trim(seq[s:s + mb], attn[s:s + mb], mask[s:s + mb])  # (seq, attn, T)
+                out[s:s + mb, :batch[2]] = fn(batch).float()
     return out
 
 
@@ -439,13 +398,13 @@ def ppo_update(cfg, step, exp, policy, critic, opts, scheds, world, rank):
             denom = tok_per_mb[k] if cfg.loss_agg == "token-mean" else cfg.train_batch_size
             for s in range(k * mb, (k + 1) * mb, cfg.micro_batch_size):
                 e = s + cfg.micro_batch_size
-                batch = micro_batch(cfg, exp["seq"][s:e], exp["attn"][s:e], exp["mask"][s:e])
+                batch = M.response_batch(exp["seq"][s:e], exp["attn"][s:e], exp["mask"][s:e], cfg.pack_samples)
                 T = int(exp["mask"][s:e].sum(1).max())
                 b = {key: exp[key][s:e, :T] for key in ("mask", "old_logprobs", "ref_logprobs", "advantages", "returns", "values")}
                 with autocast(cfg, exp["seq"].device):
                     # the entropy is logged always, back-propagated only when it is in the loss
-                    logprobs, entropy = logprobs_of(policy, batch, cfg, return_entropy=True,
-                                                    entropy_grad=cfg.entropy_coef != 0)  # [b, T] x2
+                    logprobs, entropy = M.response_logprobs(policy, batch, cfg.temperature, return_entropy=True,
+                                                            entropy_grad=cfg.entropy_coef != 0)  # [b, T] x2
                     loss, st = policy_loss(logprobs, b["old_logprobs"], b["advantages"], b["mask"], cfg.clip_eps,
                                            cfg.loss_agg, denom)
                     ent = aggregate(entropy, b["mask"], cfg.loss_agg, denom)
@@ -464,7 +423,7 @@ def ppo_update(cfg, step, exp, policy, critic, opts, scheds, world, rank):
                 stats["tokens"] += n_tok
                 if critic is not None:
                     with autocast(cfg, exp["seq"].device):
-                        v = values_of(critic, batch)  # [b, T]
+                        v = M.response_values(critic, batch)  # [b, T]
                         vloss, vst = value_loss(v, b["values"], b["returns"], b["mask"], cfg.value_clip_eps,
                                                 cfg.loss_agg, denom)
                     (vloss * world).backward()

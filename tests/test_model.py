@@ -216,6 +216,16 @@ def test_packed_tokens_and_tree_mask():
     assert p.src[k] == 1 * 9 + 3 and p.targets[k] == p.input_ids[1, 6]
 
 
+def test_response_batch_packs_only_when_it_computes_fewer_tokens():
+    _, tok = M.load_tiny("qwen2")
+    shared = sampled_batch(tok, ["abcd", "abcd"], ["12", "345"])
+    assert isinstance(M.response_batch(*shared), M.Packed)  # 4 + 2 + 3 tokens instead of 2 x 7
+    assert isinstance(M.response_batch(*shared, packed=False), tuple)
+    unique = sampled_batch(tok, ["abcd", "wxyz"], ["123", "456"])  # nothing shared, no padding: nothing to gain
+    seq, attn, T = M.response_batch(*unique)
+    assert seq.shape == (2, 7) and T == 3
+
+
 def test_packed_gradient_equals_the_padded_one():
     """The update trains on packed forwards: the same loss gives the same gradient (actor and critic), also
     through the eager attention path (an additive float mask instead of SDPA's boolean one)."""

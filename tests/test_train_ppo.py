@@ -166,6 +166,16 @@ def test_critic_free_step_with_no_signal_is_skipped(toy, tmp_path):
 
 
 @pytest.mark.slow
+def test_packed_forwards_give_the_padded_run(toy, tmp_path):
+    """--pack_samples (each prompt once for its 4 samples, the default) against padded rows: the same samples,
+    rewards and losses through 3 steps of PPO with a critic, up to float rounding."""
+    run(toy + ["--max_steps", "3", "--save_every", "3"], tmp_path / "packed")
+    run(toy + ["--max_steps", "3", "--save_every", "3", "--pack_samples", "false"], tmp_path / "padded")
+    assert_same_metrics(metrics(tmp_path / "packed"), metrics(tmp_path / "padded"), rel=1e-5)
+    assert (tmp_path / "packed" / "rollouts.jsonl").read_text() == (tmp_path / "padded" / "rollouts.jsonl").read_text()
+
+
+@pytest.mark.slow
 def test_two_processes_give_the_same_run_as_one(toy, tmp_path):
     """FSDP2 over 2 gloo ranks vs one plain process, same global batch. fp32 on CPU: every sample is identical
     (per-row sampling noise), and the only difference is summation order (a gradient is reduced from two halves
