@@ -214,6 +214,11 @@ def test_packed_tokens_and_tree_mask():
     T = mask.shape[1]
     k = (p.dst == 1 * T + 0).nonzero()[0, 0]
     assert p.src[k] == 1 * 9 + 3 and p.targets[k] == p.input_ids[1, 6]
+    # a row with no response token adds nothing to its tree and gets zeros back
+    seq, attn, mask = sampled_batch(tok, ["abcd", "abcd"], ["12", ""])
+    (p,) = M.pack(seq, attn, mask)
+    assert tok.decode(p.input_ids[0]) == "abcd12" and len(p.src) == len(p.dst) == 2
+    assert p.unpack(torch.ones(2)).tolist() == [[1.0, 1.0], [0.0, 0.0]]
 
 
 def test_response_batch_packs_only_when_it_computes_fewer_tokens():
