@@ -1,4 +1,5 @@
-"""verifier.py case by case: every format rule, every answer form, the traps, the flags, and its speed."""
+"""verifier.py case by case: every format rule, every answer form, the traps, the flags, its speed, and hostile
+strings (odd gold labels and option tables, tags split by whitespace, long repeated patterns)."""
 import ast
 import random
 import sys
@@ -292,3 +293,65 @@ def test_adversarial_fast(name):
     start = time.perf_counter()
     extract_letter(response, OPTS)
     assert time.perf_counter() - start < 0.5, name
+
+
+# =========================================================================================================
+# The verifier under fire: odd gold labels and option tables, split tags, long repeated patterns
+# =========================================================================================================
+TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+odd_gold = st.none() | st.integers() | st.text(max_size=3) | st.sampled_from(["A", "b", " C ", "AB", ""])
+odd_options = st.none() | st.lists(st.text(max_size=5), max_size=4) | st.dictionaries(
+    st.text(max_size=3) | st.integers(), st.none() | st.integers() | st.text(max_size=20) | st.sampled_from(TAGS),
+    max_size=12)
+
+
+def _three_rewards(response, gold, options, strict=False):
+    out = verify(response, gold, options, strict=strict)
+    assert out["reward"] in (-1.0, 0.0, 1.0) and (out["reason"] == "") == out["format_ok"]
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60) | st.lists(st.sampled_from(TAGS + ["B", " ", "\n", "x"]), max_size=12).map("".join),
+       odd_gold, odd_options, st.booleans())
+def test_verifier_any_gold_and_options(response, gold, options, strict):
+    """Callers pass records from any file: odd gold labels and option tables never make it raise."""
+    _three_rewards(response, gold, options, strict)
+    _three_rewards(f"<think>x</think><answer>{response}</answer>", gold, options, strict)
+    extract_letter(response, options)
+    extract_letter(response, options, letters=gold if isinstance(gold, str) else None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(range(4)), st.data(), st.sampled_from([" ", "\n", "\t", "\r\n", "\u00a0", "\u200b", "  \n "]))
+def test_verifier_a_tag_split_by_whitespace_is_no_tag(which, draw, space):
+    tag = TAGS[which]
+    cut = draw.draw(st.integers(1, len(tag) - 1))
+    parts = ["<think>", "B is it", "</think>", "<answer>", "B", "</answer>"]
+    parts[[0, 2, 3, 5][which]] = tag[:cut] + space + tag[cut:]
+    out = _three_rewards("".join(parts), "B", None)
+    assert out["reward"] == -1.0 and out["reason"] == f"missing {tag}"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(TAGS + ["< think>", "<think ", "B", "(B)", "B or C", "answer is ", " ", "\n",
+                                        "*", "\\boxed{", "}", "A 45-year-old", "."]), min_size=1, max_size=6).map("".join),
+       st.integers(1_000, 60_000), st.sampled_from(["", "<think>x</think><answer>", "<think>"]))
+def test_verifier_repeated_patterns_stay_fast(pattern, times, head):
+    """Any short pattern repeated into a long response (hundreds of KB): catastrophic regex backtracking
+    would show up here as seconds per call."""
+    times = min(times, 400_000 // len(pattern))  # up to 400 KB
+    response = head + pattern * times + ("</answer>" if head.endswith("<answer>") else "")
+    for options, strict in ((None, False), ({"A": "x", "B": "y", "C": pattern}, True)):
+        t0 = time.perf_counter()
+        _three_rewards(response, "B", options, strict)
+        extract_letter(response, options)
+        assert time.perf_counter() - t0 < 1.0, (pattern, times)
+
+
+def test_verifier_huge_option_texts_and_many_options_stay_fast():
+    options = {chr(ord("A") + i): ("x " * 100_000) + chr(ord("A") + i) for i in range(26)}
+    response = "<think>" + "x " * 100_000 + "</think><answer>" + options["C"] + "</answer>"
+    t0 = time.perf_counter()
+    _three_rewards(response, "C", options)
+    assert time.perf_counter() - t0 < 2.0
