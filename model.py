@@ -224,11 +224,10 @@ def pack(seq: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.T
     for i in range(B):
         prompt = seq[i, :P][attention_mask[i, :P].bool()]  # [p] real prompt tokens
         groups.setdefault(tuple(prompt.tolist()), []).append(i)
-    order = sorted(groups, key=lambda p: len(p) + sum(lengths[i] for i in groups[p]))
-    sizes = [len(p) + sum(lengths[i] for i in groups[p]) for p in order]
+    size = {p: len(p) + sum(lengths[i] for i in rows) for p, rows in groups.items()}  # tokens of each tree
     batches = [[]]
-    for prompt, size in zip(order, sizes):  # sizes grow along `order`: the newest group is the longest
-        if batches[-1] and max_tokens and (len(batches[-1]) + 1) * size > max_tokens:
+    for prompt in sorted(groups, key=size.get):  # growing sizes: the newest tree is the batch's longest row
+        if batches[-1] and max_tokens and (len(batches[-1]) + 1) * size[prompt] > max_tokens:
             batches.append([])
         batches[-1].append(prompt)
     return [_pack_batch(seq, P, T, lengths, [(p, groups[p]) for p in batch]) for batch in batches]

@@ -298,34 +298,38 @@ def make_experience(cfg, step, recs, texts, positions, policy, ref, critic, tok,
 
     # --- reference log-probs and critic values on the same tokens (each prompt once for all its samples)
     t0 = time.time()
+    batches = no_grad_batches(cfg, seq, seq_attn, mask)  # built once, run through each model
     if cfg.recompute_logprobs:
-        old_logprobs = forward_in_chunks(cfg, lambda b: M.response_logprobs(policy, b, cfg.temperature), seq, seq_attn, mask)
-    ref_logprobs = forward_in_chunks(cfg, lambda b: M.response_logprobs(ref, b, cfg.temperature), seq, seq_attn, mask)
+        old_logprobs = forward_in_chunks(cfg, lambda b: M.response_logprobs(policy, b, cfg.temperature), batches, mask)
+    ref_logprobs = forward_in_chunks(cfg, lambda b: M.response_logprobs(ref, b, cfg.temperature), batches, mask)
     timer["reference"] = time.time() - t0
     t0 = time.time()
     values = torch.zeros_like(mask)  # [N, T]
     if critic is not None:
-        values = forward_in_chunks(cfg, lambda b: M.response_values(critic, b), seq, seq_attn, mask)
+        values = forward_in_chunks(cfg, lambda b: M.response_values(critic, b), batches, mask)
     timer["critic"] = time.time() - t0
     exp = dict(seq=seq, attn=seq_attn, mask=mask, old_logprobs=old_logprobs * mask, ref_logprobs=ref_logprobs * mask,
                values=values * mask, scores=scores)
     return exp, rows
 
 
-def forward_in_chunks(cfg, fn, seq, attn, mask):
-    """fn(batch) -> [b, T] over all rows, reassembled as [N, T_all], without gradients (reference, critic, old
-    log-probs): packed batches of at most --forward_token_budget tokens, each prompt once for its samples;
-    or (--pack_samples false) micro_batch_size padded rows at a time, each micro-batch trimmed."""
-    out = torch.zeros_like(mask)  # [N, T_all]
+def no_grad_batches(cfg, seq, attn, mask):
+    """The batches of the reference and critic forwards, as (rows, batch) pairs: packed batches of at most
+    --forward_token_budget tokens, each prompt once for its samples (rows: all, a Packed unpacks to [N, T_all]);
+    or (--pack_samples false) micro_batch_size padded rows at a time, each trimmed."""
+    if cfg.pack_samples:
+        return [(slice(None), packed) for packed in M.pack(seq, attn, mask, cfg.forward_token_budget)]
     mb = cfg.micro_batch_size
-    with autocast(cfg, seq.device):
-        if cfg.pack_samples:
-            for packed in M.pack(seq, attn, mask, cfg.forward_token_budget):
-                out += fn(packed).float()  # [N, T_all], zero outside this batch's tokens
-        else:
-            for s in range(0, seq.shape[0], mb):
-                batch = M.trim(seq[s:s + mb], attn[s:s + mb], mask[s:s + mb])  # (seq, attn, T)
-                out[s:s + mb, :batch[2]] = fn(batch).float()
+    return [(slice(s, s + mb), M.trim(seq[s:s + mb], attn[s:s + mb], mask[s:s + mb])) for s in range(0, len(seq), mb)]
+
+
+def forward_in_chunks(cfg, fn, batches, mask):
+    """fn(batch) -> [b, T] over no_grad_batches, reassembled as [N, T_all] (0 past each row's response)."""
+    out = torch.zeros_like(mask)  # [N, T_all]
+    with autocast(cfg, mask.device):
+        for rows, batch in batches:
+            y = fn(batch).float()  # [b, T]; a packed batch: [N, T_all], 0 outside its own tokens
+            out[rows, :y.shape[1]] += y
     return out
 
 
