@@ -60,7 +60,9 @@ def sync(device):
 
 def describe_machine(device) -> str:
     if device.type == "cuda":
-        return f"GPU {torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+        props = torch.cuda.get_device_properties(device)
+        return (f"GPU {props.name} ({props.total_memory / 2 ** 30:.0f} GiB, {props.multi_processor_count} SMs), "
+                f"{os.cpu_count()} CPU cores, torch {torch.__version__}, CUDA {torch.version.cuda}, bf16")
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
@@ -88,8 +90,8 @@ def bench_machine(args, device):
     seconds = best_time(lambda: (dst.copy_(src), sync(device)), args.repeats + 2)
     bandwidth = 2 * src.numel() * 4 / seconds  # every byte read once and written once
     peak = max(peaks.values())
-    rows = [f"| machine | matmul {n}x{n} {str(dtype).replace('torch.', '')} | {f / GB:.0f} GFLOP/s | |"
-            for n, f in peaks.items()]
+    flops = (lambda f: f"{f / 1e12:.0f} TFLOP/s") if device.type == "cuda" else (lambda f: f"{f / GB:.0f} GFLOP/s")
+    rows = [f"| machine | matmul {n}x{n} {str(dtype).replace('torch.', '')} | {flops(f)} | |" for n, f in peaks.items()]
     rows.append(f"| machine | memory copy {args.copy_mb} MB (read + write) | {bandwidth / GB:.1f} GB/s | |")
     return rows, {"peak_flops": peak, "bandwidth": bandwidth}
 
@@ -122,7 +124,7 @@ def bench_generation(args, limits):
     rows = []
     for name in args.workloads:
         model_name, batch = rb.WORKLOADS[name]
-        model, tok, ids, mask, stops = rb.load(model_name, batch)
+        model, tok, ids, mask, stops = rb.load(model_name, batch, args.device, args.dtype)
         for run in (rb.run_ours, rb.run_transformers):  # warm-up: first-call costs out of the timed runs
             run(model, tok, ids[:2], mask[:2], 4, stops, 0)
         res = {"transformers": [], "ours": []}
@@ -173,9 +175,12 @@ def bench_update(args, limits):
     rows; MFU counts the tokens each one actually computes."""
     import model as M
     import train_ppo
-    policy, tok = M.load_policy(args.model)
-    critic = M.load_critic(args.model)
+    device = torch.device(args.device)
+    # fp32 master weights as in training; on a GPU both loops compute under bf16 autocast, as train_ppo does
+    policy, tok = M.load_policy(args.model, device=device)
+    critic = M.load_critic(args.model, device=device)
     policy.train(), critic.train()
+    amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")  # noqa: E731
     B, mb = args.update_batch, args.micro_batch
     opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-7, betas=(0.9, 0.95)) for n, m in (("policy", policy), ("critic", critic))}
     scheds = {n: torch.optim.lr_scheduler.LambdaLR(o, lambda i: 1.0) for n, o in opts.items()}
@@ -183,20 +188,25 @@ def bench_update(args, limits):
     rows = []
     for group in (1, args.update_group):
         exp = update_batch(len(tok), B, args.prompt_len, args.response_len, samples_per_prompt=group)
+        exp = {k: v.to(device) for k, v in exp.items()}
 
         def ours(pack):
             cfg = train_ppo.Config(**{**train_ppo.PRESETS["demo"], "model": args.model, "rollout_batch_size": B // group,
                                       "n_samples_per_prompt": group, "train_batch_size": B, "micro_batch_size": mb,
-                                      "pack_samples": pack})
+                                      "pack_samples": pack, "device": device.type, "dtype": args.dtype})
             train_ppo.ppo_update(cfg, 1, exp, policy, critic, opts, scheds, world=1, rank=0)
 
         def plain():  # what any transformers training loop does with the same rows, same micro-batches and AdamW
             for s in range(0, B, mb):
                 ids = exp["seq"][s:s + mb]  # [mb, L]
-                logits = policy(input_ids=ids).logits  # [mb, L, V]
-                F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
-                v = critic(input_ids=ids).logits[..., 0]  # [mb, L]
-                F.mse_loss(v.float(), torch.zeros_like(v)).backward()
+                with amp():
+                    logits = policy(input_ids=ids).logits  # [mb, L, V]
+                    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+                loss.backward()
+                with amp():
+                    v = critic(input_ids=ids).logits[..., 0]  # [mb, L]
+                    loss = F.mse_loss(v.float(), torch.zeros_like(v, dtype=torch.float32))
+                loss.backward()
             for name, m in (("policy", policy), ("critic", critic)):
                 torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
                 opts[name].step()
@@ -210,11 +220,14 @@ def bench_update(args, limits):
             computed[name] = sum(x.input_ids.numel() if isinstance(x, M.Packed) else x[0].numel() for x in batches)
         runs = [("plain", plain), ("padded", lambda: ours(False))] + ([("packed", lambda: ours(True))] if group > 1 else [])
         t = {name: [] for name, _ in runs}
-        for _ in range(args.repeats):  # alternate, so all see the same background load; the best of each is kept
+        for rep in range(args.repeats + (device.type == "cuda")):  # alternate, so all see the same load; best kept
             for name, fn in runs:
+                sync(device)
                 t0 = time.perf_counter()
                 fn()
-                t[name].append(time.perf_counter() - t0)
+                sync(device)
+                if device.type == "cpu" or rep:  # on a GPU the first round is a warm-up (kernels, allocator)
+                    t[name].append(time.perf_counter() - t0)
         what = (f"{B} x {exp['seq'].shape[1]} tokens, unique prompts, {args.response_len} response tokens each" if group == 1
                 else f"{B // group} prompts x {group} samples, {args.prompt_len} + up to {args.response_len} tokens "
                      f"({int(exp['mask'].sum())} response tokens)")
@@ -253,7 +266,7 @@ def ppo_steps(train_args, timeout):
 def bench_step(args):
     """One demo step twice in this run: padded rows (--pack_samples false, as a plain training loop would)
     then packed (the default: each prompt once for its samples), same samples, phase by phase."""
-    train_args = ["--preset", "smoke" if args.quick else "demo", "--max_steps", "1"]
+    train_args = ["--preset", "smoke" if args.quick else "demo", "--max_steps", "1", *args.train_device]
     runs = {name: ppo_steps(train_args + ["--pack_samples", flag], 1200) for name, flag in (("padded", "false"), ("packed", "true"))}
     m = {name: r["metrics"][0] for name, r in runs.items()}
     phases = ["generate", "score", "reference", "critic", "update"]
@@ -271,11 +284,12 @@ def bench_step(args):
         speed = f"; {t['padded'] / t['packed']:.2f}x" if t["packed"] > 0.5 else ""
         rows.append(f"| step | {label}, packed (padded) | {t['packed']:.1f} s ({t['padded']:.1f} s) | "
                     f"{t['packed'] / time_of('packed', 'step'):.0%}{speed} |")
+    what = "peak GPU memory allocated" if args.device == "cuda" else "peak RSS"
     for name in ("packed", "padded"):
         b = runs[name]["budget"]
         need = sum(b.values())
         peak = next(iter(runs[name]["peak_rss"].values()), float("nan"))
-        rows.append(f"| step | {name}: peak RSS of the step vs weights {b['weights'] / GB:.2f} + gradients "
+        rows.append(f"| step | {name}: {what} of the step vs weights {b['weights'] / GB:.2f} + gradients "
                     f"{b['gradients'] / GB:.2f} + AdamW {b['adamw'] / GB:.2f} + KV cache {b['kv_cache'] / GB:.2f} = "
                     f"{need / GB:.2f} GB | {peak / GB:.2f} GB | {peak / need:.2f}x (target <= 2x) |")
     a, b = (m[n].get("policy_loss", float("nan")) for n in ("packed", "padded"))
@@ -288,7 +302,7 @@ def bench_step(args):
 def bench_grpo(args):
     steps = args.grpo_steps
     train_args = ["--preset", "demo", "--advantage", "grpo", "--rollout_batch_size", "1", "--n_samples_per_prompt", "8",
-                  "--max_new_tokens", "128", "--train_batch_size", "8", "--max_steps", str(steps)]
+                  "--max_new_tokens", "128", "--train_batch_size", "8", "--max_steps", str(steps), *args.train_device]
     if args.quick:  # a tiny model, short prompts and responses: only checks that the section runs
         train_args += ["--model", "tiny-qwen2", "--max_prompt_tokens", "4096", "--max_new_tokens", "16"]
     r = ppo_steps(train_args, 1800)
@@ -301,7 +315,8 @@ def bench_grpo(args):
     if not args.trl_python or args.quick:
         rows.append("| grpo | TRL GRPOTrainer | not run | pass --trl_python PATH (a venv with trl, see bench/trl_grpo.py) |")
         return rows
-    t = run_child([args.trl_python, "bench/trl_grpo.py", "--steps", str(args.trl_steps)], "BENCH_TRL", 3000)
+    t = run_child([args.trl_python, "bench/trl_grpo.py", "--steps", str(args.trl_steps), "--device", args.device],
+                  "BENCH_TRL", 3000)
     mean_trl = sum(t["seconds"]) / len(t["seconds"])
     rows.append(f"| grpo | TRL {t['trl']} GRPOTrainer, same model, prompts, 8 x <= 128 tokens, beta 0.01 (steps "
                 f"{', '.join(f'{s:.1f}' for s in t['seconds'])}) | {mean_trl:.1f} s | mean completion "
@@ -314,12 +329,16 @@ def bench_grpo(args):
 # fsdp: per-rank memory of actor and critic at 1 and 2 processes
 # ======================================================================================================
 def bench_fsdp(args):
-    per_world = {}
+    """N processes on N GPUs with nccl where the machine has them, else on the CPU with gloo (the bytes of a
+    shard do not depend on the device; a machine with one GPU runs N=1 on it and N=2 on the CPU)."""
+    per_world, backend = {}, {}
     for n in (1, 2):
+        on_gpu = args.device == "cuda" and torch.cuda.device_count() >= n
+        backend[n] = f"nccl on {n} GPU{'s' * (n > 1)}" if on_gpu else "gloo on the CPU"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-               "bench/fsdp_memory.py", "--model", args.model]
+               "bench/fsdp_memory.py", "--model", args.model, "--device", "cuda" if on_gpu else "cpu"]
         per_world[n] = run_child(cmd, "BENCH_FSDP", 900)["ranks"]
-    rows = []
+    rows = [f"| fsdp | N=1: {backend[1]}; N=2: {backend[2]} | | |"]
     for part in ("actor", "critic"):
         for kind in ("params", "grads", "adamw"):
             one = per_world[1][0][part][kind]
@@ -340,21 +359,36 @@ def main(argv=None):
     p.add_argument("--trl_python", default="", help="python of a venv with trl installed: adds TRL's GRPOTrainer row")
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="markdown file written ('' for none)")
     p.add_argument("--model", default="smollm2-135m", help="model of the update and fsdp sections")
-    p.add_argument("--workloads", nargs="+", default=["smollm2-b8", "random-b32"], help="bench/rollout_bench.py workloads")
+    p.add_argument("--device", default="auto", help="auto (cuda if there is one) | cpu | cuda: on cuda, bf16 "
+                   "(matmul peak, generation weights, autocast in the update and the steps) and GPU-sized defaults")
+    # None: the device's default below (CPU / GPU)
+    p.add_argument("--workloads", nargs="+", default=None, help="bench/rollout_bench.py workloads "
+                   "(smollm2-b8 random-b32 / GPU: smollm2-b8 smollm2-b32 smollm2-b128 random-b32)")
     p.add_argument("--max_new_tokens", type=int, default=128, help="generation section")
-    p.add_argument("--gen_repeats", type=int, default=1, help="runs of each generator (seeds 0, 1, ...), summed")
-    p.add_argument("--update_batch", type=int, default=8)
-    p.add_argument("--micro_batch", type=int, default=4)
+    p.add_argument("--gen_repeats", type=int, default=None, help="runs of each generator (seeds 0, 1, ...), summed (1 / 3)")
+    p.add_argument("--update_batch", type=int, default=None, help="rows of the update section (8 / 64)")
+    p.add_argument("--micro_batch", type=int, default=None, help="(4 / 16)")
     p.add_argument("--update_group", type=int, default=4, help="samples per prompt of the update's shared-prompt workload")
-    p.add_argument("--prompt_len", type=int, default=128, help="the update section's prompt tokens")
-    p.add_argument("--response_len", type=int, default=128)
+    p.add_argument("--prompt_len", type=int, default=None, help="the update section's prompt tokens (128 / 256)")
+    p.add_argument("--response_len", type=int, default=None, help="(128 / 256)")
     p.add_argument("--grpo_steps", type=int, default=2, help="GRPO-mode steps of ours (a step whose 8 rewards are "
                    "all equal skips its update: the table says how many updated)")
     p.add_argument("--trl_steps", type=int, default=1, help="steps of TRL's GRPOTrainer (it always updates)")
-    p.add_argument("--repeats", type=int, default=2, help="timed repeats of matmul, copy and update (best kept)")
-    p.add_argument("--matmul_sizes", type=int, nargs="+", default=[2048, 4096])
-    p.add_argument("--copy_mb", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats of matmul, copy and update, best kept (2 / 5)")
+    p.add_argument("--matmul_sizes", type=int, nargs="+", default=None, help="(2048 4096 / 4096 8192)")
+    p.add_argument("--copy_mb", type=int, default=None, help="(512 / 4096)")
     args = p.parse_args(argv)
+    args.device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = args.device == "cuda"
+    args.dtype = "bfloat16" if gpu else "float32"  # the generation weights; the update and steps autocast to it
+    args.train_device = ["--device", "cuda", "--dtype", "bfloat16"] if gpu else []  # train_ppo.py flags
+    defaults = dict(workloads=["smollm2-b8", "smollm2-b32", "smollm2-b128", "random-b32"] if gpu else ["smollm2-b8", "random-b32"],
+                    gen_repeats=3 if gpu else 1, update_batch=64 if gpu else 8, micro_batch=16 if gpu else 4,
+                    prompt_len=256 if gpu else 128, response_len=256 if gpu else 128, repeats=5 if gpu else 2,
+                    matmul_sizes=[4096, 8192] if gpu else [2048, 4096], copy_mb=4096 if gpu else 512)
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if args.quick:
         args.model, args.workloads, args.max_new_tokens, args.update_batch = "tiny-qwen2", ["random-b32"], 16, 4
         args.micro_batch, args.prompt_len, args.response_len, args.grpo_steps = 2, 32, 16, 1
@@ -365,7 +399,7 @@ def main(argv=None):
         p.error(f"--only: unknown section(s) {sorted(unknown)}; choose from {SECTIONS}")
     if {"generation", "update"} & set(only) and "machine" not in only:
         only.insert(0, "machine")  # their bounds and MFU need the measured limits
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(args.device)
     load_start, started = os.getloadavg(), time.time()
     header = (f"{describe_machine(device)}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
               f"load average {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f} at start"
@@ -392,12 +426,13 @@ def main(argv=None):
     table = "\n".join(rows)
     print("\n" + table + "\n\n" + footer)
     if args.out:
-        write_markdown(Path(args.out), header, table, footer)
+        write_markdown(Path(args.out), header, table, footer, "gpu table" if gpu else "table")
 
 
-def write_markdown(path, header, table, footer):
-    """BENCHMARKS.md: the table between markers, so text written around it by hand survives a rerun."""
-    begin, end = "<!-- bench.py table: begin -->", "<!-- bench.py table: end -->"
+def write_markdown(path, header, table, footer, which="table"):
+    """BENCHMARKS.md: the table between markers, so text written around it by hand survives a rerun. The CPU
+    table and the GPU table have markers of their own: a run on one kind of machine leaves the other's table."""
+    begin, end = f"<!-- bench.py {which}: begin -->", f"<!-- bench.py {which}: end -->"
     block = f"{begin}\n{header}\n\n{table}\n\n{footer}\n{end}"
     old = path.read_text() if path.exists() else "# Benchmarks\n\nWritten by `python bench.py`.\n\n" + begin + end + "\n"
     if begin in old and end in old:

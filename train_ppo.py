@@ -242,6 +242,13 @@ def row_uniforms(cfg, step, positions):
 # ======================================================================================================
 # Phase 1: experience (generate, score, reference, critic)
 # ======================================================================================================
+def now(device) -> float:
+    """Wall-clock seconds once the GPU's queued work is done, so a phase's time holds its own kernels."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
+
+
 @torch.no_grad()
 def make_experience(cfg, step, recs, texts, positions, policy, ref, critic, tok, device, timer):
     """Sample, score and evaluate this rank's rows. Returns a dict of [N, ...] tensors and the per-row records."""
@@ -253,7 +260,7 @@ def make_experience(cfg, step, recs, texts, positions, policy, ref, critic, tok,
     eos = tok.eos_token_id if tok.eos_token_id is not None else []
     stop = ["</answer>"]  # the verifier refuses any text after it, so nothing after it can help
 
-    t0 = time.time()
+    t0 = now(device)
     chunks = []
     with D.gathered(policy), autocast(cfg, device):  # full weights once for the whole rollout, not per token
         for s in range(0, N, cfg.generate_batch_size):
@@ -269,10 +276,10 @@ def make_experience(cfg, step, recs, texts, positions, policy, ref, critic, tok,
     finish = [f for c in chunks for f in c.finish_reason]
     seq = torch.cat([ids, resp], 1)  # [N, P+T]
     seq_attn = torch.cat([attn, mask.long()], 1)  # [N, P+T]
-    timer["generate"] = time.time() - t0
+    timer["generate"] = now(device) - t0
 
     # --- score: the verifier sees the prefilled text plus what the model wrote (EOS excluded)
-    t0 = time.time()
+    t0 = now(device)
     prefill = data.PROMPT_PREFILL.get(cfg.prompt_style, "") + cfg.prefill
     lengths = mask.sum(1).long().tolist()
     rows, scores = [], []
@@ -294,20 +301,20 @@ def make_experience(cfg, step, recs, texts, positions, policy, ref, critic, tok,
                      **{k: v[k] for k in ("reward", "pred", "correct", "format_ok", "answer_in_think",
                                           "reasoning_outside_think", "template_copy", "think_chars", "answer_chars")}})
     scores = torch.tensor(scores, dtype=torch.float32, device=device)  # [N]
-    timer["score"] = time.time() - t0
+    timer["score"] = now(device) - t0
 
     # --- reference log-probs and critic values on the same tokens (each prompt once for all its samples)
-    t0 = time.time()
+    t0 = now(device)
     batches = no_grad_batches(cfg, seq, seq_attn, mask)  # built once, run through each model
     if cfg.recompute_logprobs:
         old_logprobs = forward_in_chunks(cfg, lambda b: M.response_logprobs(policy, b, cfg.temperature), batches, mask)
     ref_logprobs = forward_in_chunks(cfg, lambda b: M.response_logprobs(ref, b, cfg.temperature), batches, mask)
-    timer["reference"] = time.time() - t0
-    t0 = time.time()
+    timer["reference"] = now(device) - t0
+    t0 = now(device)
     values = torch.zeros_like(mask)  # [N, T]
     if critic is not None:
         values = forward_in_chunks(cfg, lambda b: M.response_values(critic, b), batches, mask)
-    timer["critic"] = time.time() - t0
+    timer["critic"] = now(device) - t0
     exp = dict(seq=seq, attn=seq_attn, mask=mask, old_logprobs=old_logprobs * mask, ref_logprobs=ref_logprobs * mask,
                values=values * mask, scores=scores)
     return exp, rows
@@ -359,7 +366,7 @@ def compute_advantages(cfg, exp, kl_coef):
     mask, scores = exp["mask"], exp["scores"]  # [N, T], [N]
     kl = kl_penalty(exp["old_logprobs"], exp["ref_logprobs"], cfg.kl_estimator) * mask  # [N, T]
     last = mask.sum(1).long() - 1  # [N] index of each row's final token
-    rows = torch.arange(len(scores))
+    rows = torch.arange(len(scores), device=scores.device)
     kl_rewards = -kl_coef * kl if cfg.kl_in_reward else torch.zeros_like(kl)  # [N, T]  r_t = -beta KL_t
     if cfg.advantage == "gae":
         rewards = kl_rewards.clone()
@@ -571,7 +578,7 @@ def main(argv=None):
             metrics.update(ppo_update(cfg, step, exp, policy, critic, opts, scheds, world, rank))
             if metrics["nonfinite_updates"]:
                 metrics["skipped"] = f"{metrics['nonfinite_updates']} non-finite gradient(s)"
-        timer["update"] = time.time() - t0
+        timer["update"] = now(device) - t0
         bad_in_a_row = bad_in_a_row + 1 if "skipped" in metrics and "non-finite" in metrics["skipped"] else 0
         if "skipped" in metrics and rank == 0:
             log(f"step {step}: update skipped ({metrics['skipped']})")

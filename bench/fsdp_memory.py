@@ -5,7 +5,8 @@ actor and the critic, sharded with FSDP2 exactly as train_ppo.py shards them (di
 
 Each model takes one forward + backward on a few tokens and one AdamW step, so gradients and optimizer state
 exist; then every rank counts the bytes of its LOCAL shard of each tensor (DTensor.to_local()). Rank 0
-prints one line `BENCH_FSDP {json}` with every rank's counts. On CPU the process group is gloo.
+prints one line `BENCH_FSDP {json}` with every rank's counts. On CPU the process group is gloo, with
+--device cuda nccl.
 """
 import argparse
 import json
@@ -38,13 +39,14 @@ def measure(model, forward) -> dict:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--device", default="cpu", help="cpu (gloo) | cuda (nccl, one GPU per process)")
     args = p.parse_args()
-    rank, world, device = D.setup("cpu")
-    policy, tok = M.load_policy(args.model)
-    critic = M.load_critic(args.model)
+    rank, world, device = D.setup(args.device)
+    policy, tok = M.load_policy(args.model, device=device)
+    critic = M.load_critic(args.model, device=device)
     for m in (policy, critic):
         D.shard(m, M.layer_modules(m), mixed_precision=False)
-    ids = torch.randint(0, len(tok), (2, 16), generator=torch.Generator().manual_seed(0))  # [2, 16]
+    ids = torch.randint(0, len(tok), (2, 16), generator=torch.Generator().manual_seed(0)).to(device)  # [2, 16]
     attn = torch.ones_like(ids)  # [2, 16]
     out = {"actor": measure(policy, lambda m: M.token_logprobs(m, ids, attn, 8)),  # [2, 8]
            "critic": measure(critic, lambda m: M.critic_values(m, ids, attn))}  # [2, 16]

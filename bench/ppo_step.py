@@ -1,5 +1,6 @@
 """Child of bench.py: run train_ppo.py's own main() for a few steps in this process and report, per step,
-the peak resident memory (VmHWM) and what that memory must at least hold.
+the peak resident memory (VmHWM; on a GPU, the peak of torch.cuda.max_memory_allocated) and what that
+memory must at least hold.
 
     python bench/ppo_step.py --preset demo --max_steps 1 --out_dir /tmp/bench_step     # train_ppo.py flags
 
@@ -16,6 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's flat modules
 
+import torch  # noqa: E402
+
 import data  # noqa: E402
 import train_ppo  # noqa: E402
 
@@ -31,6 +34,13 @@ def vm_hwm() -> int:
 def reset_hwm():
     with open("/proc/self/clear_refs", "w") as f:  # "5" resets the peak RSS to the current RSS (Linux >= 4.0)
         f.write("5")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_bytes() -> int:
+    """Peak memory since reset_hwm: on a GPU the bytes PyTorch allocated there (where the models live), else RSS."""
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else vm_hwm()
 
 
 def param_bytes(model) -> int:
@@ -58,7 +68,7 @@ def main(argv):
 
     def ppo_update(cfg, step, *args, **kwargs):
         out = inner_update(cfg, step, *args, **kwargs)
-        report["peak_rss"][step] = vm_hwm()
+        report["peak_rss"][step] = peak_bytes()
         return out
 
     train_ppo.make_experience, train_ppo.ppo_update = make_experience, ppo_update

@@ -6,8 +6,8 @@ the one that ended each row (EOS, a stop string, or the length limit): what RL t
 `generate` keeps computing for rows that already ended does not count.
 
 Workloads (pick with --workloads):
-  smollm2-b8, smollm2-b32  SmolLM2-135M-Instruct (model.py's load_policy("smollm2-135m")), fp32, the first
-                           8 / 32 MedQA dev questions as r1_chat prompts, stop at "</answer>" or EOS.
+  smollm2-b8, -b32, -b128  SmolLM2-135M-Instruct (model.py's load_policy("smollm2-135m")), fp32 (bf16 on a GPU),
+                           the first 8 / 32 / 128 MedQA dev questions as r1_chat prompts, stop at "</answer>" or EOS.
   random-b32               a random Qwen2 (hidden 256, 4 layers) with the ~100-token character vocabulary
                            of model.py, EOS in it, temperature 1: rows end at very different lengths.
 
@@ -35,6 +35,7 @@ import rollout  # noqa: E402
 WORKLOADS = {  # name -> (model, batch)
     "smollm2-b8": ("smollm2-135m", 8),
     "smollm2-b32": ("smollm2-135m", 32),
+    "smollm2-b128": ("smollm2-135m", 128),  # a GPU-sized rollout batch
     "random-b32": ("random", 32),
 }
 STOP = ["</answer>"]
@@ -48,27 +49,35 @@ class StepClock(LogitsProcessor):
         self.times, self.profiler = [], profiler
 
     def __call__(self, input_ids, scores):
+        sync(scores.device)
         self.times.append(time.perf_counter())
         if self.profiler is not None and len(self.times) == 1:
             self.profiler.start()
         return scores
 
 
-def load(model_name: str, batch: int):
-    """(model, tokenizer, input_ids [B, P], attention_mask [B, P], stop strings) for one workload."""
+def sync(device):
+    """Wait for the GPU's queued work, so a host clock read after it counts that work (no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def load(model_name: str, batch: int, device="cpu", dtype="float32"):
+    """(model, tokenizer, input_ids [B, P], attention_mask [B, P], stop strings) for one workload, the model
+    and the prompts on `device`, the weights in `dtype` (fp32 on CPU; bf16 on GPU)."""
     from model import load_policy, load_tiny
     if model_name == "random":
-        model, tok = load_tiny("qwen2", seed=0, hidden=256, layers=4, heads=8, kv_heads=4)
+        model, tok = load_tiny("qwen2", seed=0, hidden=256, layers=4, heads=8, kv_heads=4, dtype=dtype, device=device)
         prompts = [f"Question {i}: " + "the patient presents with fever " * (1 + i % 4) for i in range(batch)]
         enc = tok(prompts, return_tensors="pt", padding=True)
-        return model, tok, enc["input_ids"], enc["attention_mask"], None
+        return model, tok, enc["input_ids"].to(device), enc["attention_mask"].to(device), None
     from data import build_prompt, load_dataset, tokenize_prompts
-    model, tok = load_policy(model_name)
+    model, tok = load_policy(model_name, dtype=dtype, device=device)
     shared = Path(__file__).resolve().parent.parent.parent / "shared" / "data"  # ../shared/data beside the repo
     data_dir = os.environ.get("MEDRLVR_DATA") or (str(shared) if shared.is_dir() else None)
     records = load_dataset("medqa_dev", data_dir)[:batch]
     ids, mask, _, _ = tokenize_prompts(tok, [build_prompt(r, "r1_chat", tok) for r in records], None)
-    return model, tok, ids, mask, STOP
+    return model, tok, ids.to(device), mask.to(device), STOP
 
 
 def eos_ids(model, tok) -> list[int]:
@@ -97,6 +106,7 @@ def run_ours(model, tok, ids, mask, max_new, stops, seed, profiler=None):
 
     def timed_prefill(*args):  # wrap rollout's prefill to split prefill and decode time
         out = inner(*args)
+        sync(ids.device)
         prefill_done.append(time.perf_counter())
         if profiler is not None:
             profiler.start()
@@ -104,10 +114,12 @@ def run_ours(model, tok, ids, mask, max_new, stops, seed, profiler=None):
 
     rollout._prefill = timed_prefill
     try:
+        sync(ids.device)
         start = time.perf_counter()
         out = rollout.generate(model, ids, mask, max_new, temperature=1.0, top_p=1.0, top_k=0,
                                eos_token_id=eos_ids(model, tok), stop_strings=stops, tokenizer=tok,
                                generator=torch.Generator().manual_seed(seed), pad_token_id=tok.pad_token_id)
+        sync(ids.device)
         end = time.perf_counter()
     finally:
         rollout._prefill = inner
@@ -119,11 +131,13 @@ def run_ours(model, tok, ids, mask, max_new, stops, seed, profiler=None):
 def run_transformers(model, tok, ids, mask, max_new, stops, seed, profiler=None):
     clock = StepClock(profiler)
     torch.manual_seed(seed)
+    sync(ids.device)
     start = time.perf_counter()
     seqs = model.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
                           max_new_tokens=max_new, eos_token_id=eos_ids(model, tok), pad_token_id=tok.pad_token_id,
                           stop_strings=stops, tokenizer=tok if stops else None,
                           logits_processor=LogitsProcessorList([clock]))
+    sync(ids.device)
     end = time.perf_counter()
     responses = seqs[:, ids.shape[1]:]  # [B, T]
     steps = responses.shape[1]
@@ -134,7 +148,8 @@ def run_transformers(model, tok, ids, mask, max_new, stops, seed, profiler=None)
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    p.add_argument("--workloads", nargs="+", default=["smollm2-b8", "smollm2-b32", "random-b32"], choices=list(WORKLOADS))
+    p.add_argument("--device", default="auto", help="auto (cuda if there is one) | cpu | cuda: bf16 weights on cuda")
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=1,
                    help="runs of each, seeds seed, seed+1, ...; the table sums steps, tokens and seconds")
@@ -145,6 +160,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     if args.profile:
         return profile(args)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, {os.cpu_count()} cpus, "
@@ -152,7 +169,7 @@ def main(argv=None):
     rows = []
     for name in args.workloads:
         model_name, batch = WORKLOADS[name]
-        model, tok, ids, mask, stops = load(model_name, batch)
+        model, tok, ids, mask, stops = load(model_name, batch, args.device, args.dtype)
         # warm up both paths on two prompts, so neither pays first-call costs in the timed run
         for run in (run_ours, run_transformers):
             run(model, tok, ids[:2], mask[:2], 4, stops, args.seed)
@@ -183,7 +200,7 @@ def profile(args):
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
     for name in args.workloads:
-        model, tok, ids, mask, stops = load(*WORKLOADS[name])
+        model, tok, ids, mask, stops = load(*WORKLOADS[name], args.device, args.dtype)
         for impl, run in (("transformers", run_transformers), ("ours", run_ours)):
             run(model, tok, ids[:2], mask[:2], 4, stops, args.seed)  # warm-up
             prof = torch_profile(activities=[ProfilerActivity.CPU])

@@ -7,7 +7,8 @@ TRL is never a dependency of this project: install it in a virtual environment o
 Same model (SmolLM2-135M-Instruct, fp32, from model.py's converted folder), same prompts (train_ppo.py's
 demo preset: MedQA dev, r1_chat_1shot, options shuffled, the questions of its first steps), same reward
 (verifier.verify with the template-copy penalty), 8 completions of at most 128 tokens per step, one prompt
-per step, beta 0.01 (a reference model, as ours), lr 1e-5, no gradient checkpointing, CPU.
+per step, beta 0.01 (a reference model, as ours), lr 1e-5, no gradient checkpointing, CPU (--device cuda:
+one GPU, bf16 mixed precision).
 Prints one line `BENCH_TRL {json}`: seconds of each step (generation, reward, reference and update all happen
 inside TRL's step) and the mean completion length TRL logged.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's flat modules
 
+import torch  # noqa: E402
 import trl  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
@@ -38,6 +40,8 @@ class StepClock(TrainerCallback):
         self.starts.append(time.perf_counter())
 
     def on_step_end(self, args, state, control, **kw):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the step's queued GPU work belongs to it
         self.seconds.append(time.perf_counter() - self.starts[-1])
 
     def on_log(self, args, state, control, logs=None, **kw):
@@ -48,6 +52,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", default="/tmp/bench_trl")
+    p.add_argument("--device", default="cpu", help="cpu (fp32) | cuda (bf16 autocast over fp32 weights, as ours on a GPU)")
     args = p.parse_args()
     cfg = train_ppo.parse_config(["--preset", "demo", "--advantage", "grpo", "--rollout_batch_size", "1",
                                   "--n_samples_per_prompt", "8", "--max_new_tokens", "128", "--train_batch_size", "8"])
@@ -67,7 +72,7 @@ def main():
 
     targs = GRPOConfig(output_dir=args.out, per_device_train_batch_size=8, num_generations=8, max_completion_length=128,
                        max_steps=args.steps, learning_rate=cfg.actor_lr, beta=cfg.kl_coef, gradient_checkpointing=False,
-                       use_cpu=True, bf16=False, logging_steps=1, save_strategy="no", report_to="none",
+                       use_cpu=args.device == "cpu", bf16=args.device == "cuda", logging_steps=1, save_strategy="no", report_to="none",
                        temperature=1.0, top_p=1.0, top_k=0, seed=cfg.seed)
     clock = StepClock()
     trainer = GRPOTrainer(model=str(M.smollm2_folder()), reward_funcs=reward, args=targs, train_dataset=ds,
