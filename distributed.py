@@ -59,12 +59,16 @@ def shard(model: torch.nn.Module, layers, mixed_precision: bool):
     """
     if not is_distributed():
         return model
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
         else MixedPrecisionPolicy()
+    # The mesh on the process group's device, said explicitly: fully_shard's default mesh is on the machine's
+    # accelerator whenever it has one, so gloo ranks on a GPU machine tried cuda:1 on a 1-GPU host (seen on an H200).
+    mesh = init_device_mesh(comm_device().type, (dist.get_world_size(),))
     for layer in layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
 

@@ -463,3 +463,38 @@ def test_logprobs_and_values_under_fsdp2(tmp_path):
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc_per_node", "2", str(script), root, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "FSDP OK" in res.stdout, res.stderr[-3000:]
+
+
+MESH_WORKER = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import distributed as D
+import model as M
+
+rank, world, device = D.setup("cpu")  # gloo
+torch._C._get_accelerator = lambda: torch.device("cuda")  # as on a GPU machine: FSDP's default mesh would be there
+policy, tok = M.load_tiny("qwen2", seed=0)
+D.shard(policy, M.layer_modules(policy), mixed_precision=False)
+w = policy.model.embed_tokens.weight
+assert w.device_mesh.device_type == "cpu" and w.device.type == "cpu", (w.device_mesh, w.device)
+ids = torch.randint(0, len(tok), (2, 8), generator=torch.Generator().manual_seed(0))
+M.token_logprobs(policy, ids, torch.ones_like(ids), 4).sum().backward()
+D.cleanup()
+print("MESH OK", rank)
+"""
+
+
+@pytest.mark.slow
+def test_shard_keeps_gloo_ranks_on_the_cpu_where_an_accelerator_exists(tmp_path):
+    """distributed.shard builds its FSDP2 mesh on the process group's device. fully_shard's default mesh is on
+    the accelerator whenever there is one: 2 gloo ranks on a 1-GPU machine asked for cuda:1 and died (seen on
+    an H200). Here the accelerator is faked, so without the explicit mesh both ranks fail."""
+    import subprocess
+    import sys
+    script = tmp_path / "worker.py"
+    script.write_text(MESH_WORKER)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), root], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.count("MESH OK") == 2, res.stderr[-3000:]
