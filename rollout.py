@@ -8,7 +8,8 @@ forward pass over the final sequences gives (fp32: within 1e-5; tests/test_rollo
 How it works, and why it is faster than transformers' `generate` on RL workloads:
 1. Prefill: the prompts' real tokens, grouped by length (identical prompts run once), so no padding is
    computed; position ids = cumsum(mask) - 1 (model.py's `position_ids_from_mask`); each row's tokens land
-   right-aligned in the cache (slots P-n .. P-1), its padding slots are masked out afterwards.
+   right-aligned in the cache (slots P-n .. P-1), its padding slots are masked out afterwards. On a GPU,
+   where kernel launches cost more than FLOPs, one padded forward instead (same cache layout).
 2. Then one token per step, with a KV cache PREALLOCATED at [B, kv_heads, P + max_new_tokens, head_dim]
    per layer and written in place. transformers' DynamicCache grows every layer's K and V with torch.cat at
    every step, copying the whole cache (24% of a decode step on SmolLM2 in the issue's profile).
@@ -38,6 +39,7 @@ transformers' `generate`.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -46,6 +48,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # Per-row decode attention pays off on CPU when a row's cached K (numbers: span * kv_heads * head_dim) is at
@@ -151,7 +154,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
                 out[i] = F.scaled_dot_product_attention(q[i], k[i, :, first:], v[i, :, first:], scale=scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-        return out.view(b, H, 1, d)
+        return out.reshape(b, H, 1, d)  # not view: the efficient-attention kernel (CUDA) returns another layout
     if KV != H:
         k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)  # [b, H, S, d]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
@@ -212,8 +215,10 @@ def _forward_last(model, ids, pos, cache, start, mask) -> torch.Tensor:
     return _linear(model.lm_head, inner.norm(x[:, -1:]))[:, 0].float()  # [b, V]
 
 
-def _prefill(model, input_ids, attention_mask, n_real, cache) -> torch.Tensor:
+def _prefill(model, input_ids, attention_mask, n_real, cache, grouped: bool = True) -> torch.Tensor:
     """Run the prompts into the cache; returns the logits for each row's first response token, [B, V].
+
+    grouped=False: _prefill_padded, one forward for all prompts (what a GPU wants, see there).
 
     Rows are grouped by their number of real tokens n and identical prompts are run once, so no padding
     is ever computed (MedQA prompt lengths vary about 2x: a padded batch would spend up to half its prefill
@@ -222,6 +227,8 @@ def _prefill(model, input_ids, attention_mask, n_real, cache) -> torch.Tensor:
     position_ids_from_mask); the padding slots before them are zeroed (masked out later, but they must be
     finite: 0 * NaN is NaN) . input_ids, attention_mask: [B, P]; n_real: [B]; cache K/V: [B, KV, S_max, d].
     """
+    if not grouped:
+        return _prefill_padded(model, input_ids, attention_mask, cache)
     B, P = input_ids.shape
     logits = None
     for n in n_real.unique().tolist():
@@ -240,6 +247,30 @@ def _prefill(model, input_ids, attention_mask, n_real, cache) -> torch.Tensor:
             k[rows, :, P - n:P], v[rows, :, P - n:P] = gk[inverse], gv[inverse]
             k[rows, :, :P - n], v[rows, :, :P - n] = 0, 0
     return logits
+
+
+def _prefill_padded(model, input_ids, attention_mask, cache) -> torch.Tensor:
+    """The prefill as ONE forward over the left-padded prompts (identical prompts once), for GPUs.
+
+    On a GPU a prefill this size is bound by kernel launches, not FLOPs: the grouped prefill runs the whole
+    decoder once per distinct prompt length, and 128 MedQA prompts have ~100 lengths (measured on an H200,
+    BENCHMARKS.md: 3.9 s against 0.3 s for transformers' one padded forward). Same cache layout as the grouped
+    prefill: row b's n real tokens in slots P-n .. P-1, position ids 0 .. n-1, its padding slots zeroed.
+    Mask [u, 1, P, P]: causal, real keys only; a padding query sees itself (a row of -inf gives NaN).
+    """
+    B, P = input_ids.shape
+    rows, inverse = torch.unique(torch.cat([input_ids, attention_mask.long()], 1), dim=0, return_inverse=True)
+    ids, real = rows[:, :P], rows[:, P:].bool()  # [u, P] each
+    pos = (real.long().cumsum(-1) - 1).clamp(min=0)  # [u, P] position ids of the real tokens: 0 .. n-1
+    causal = torch.ones(P, P, dtype=torch.bool, device=ids.device).tril()  # [P, P]
+    mask = (causal & real[:, None, :]) | torch.eye(P, dtype=torch.bool, device=ids.device)  # [u, P, P]
+    group_cache = [(k.new_empty(len(rows), k.shape[1], P, k.shape[3]), v.new_empty(len(rows), v.shape[1], P, v.shape[3]))
+                   for k, v in cache]  # per layer [u, KV, P, d]
+    logits = _forward_last(model, ids, pos, group_cache, 0, mask[:, None])  # [u, V] at the last (real) token
+    pad = ~attention_mask.bool()[:, None, :, None]  # [B, 1, P, 1]
+    for (k, v), (gk, gv) in zip(cache, group_cache):
+        k[:, :, :P], v[:, :, :P] = gk[inverse].masked_fill(pad, 0), gv[inverse].masked_fill(pad, 0)
+    return logits[inverse]  # [B, V]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -274,11 +305,27 @@ def cut_after_stop(text: str, stop_strings: list[str] | str | None) -> str:
 # generate
 # ---------------------------------------------------------------------------------------------------
 
+def _without_cudnn_attention(fn):
+    """On CUDA, run fn with SDPA's flash, memory-efficient and math kernels, never cuDNN's. cuDNN attention
+    builds a graph for each new shape, and a decode step's key length grows by one at every step: on an H200
+    it was 62% of a decode step's host time, and decoding without it was 2.4-3.5x faster (for transformers'
+    generate too; BENCHMARKS.md). The CPU has no cuDNN kernel: nothing changes there."""
+    @functools.wraps(fn)
+    def run(model, input_ids, *args, **kwargs):
+        if input_ids.device.type != "cuda":
+            return fn(model, input_ids, *args, **kwargs)
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            return fn(model, input_ids, *args, **kwargs)
+    return run
+
+
+@_without_cudnn_attention
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_token_id=None,
              stop_strings: list[str] | str | None = None, tokenizer=None, generator: torch.Generator | None = None,
-             pad_token_id: int | None = None, compact: bool = True, uniforms: torch.Tensor | None = None) -> Rollout:
+             pad_token_id: int | None = None, compact: bool = True, uniforms: torch.Tensor | None = None,
+             prefill: str = "auto") -> Rollout:
     """Sample a response for each left-padded prompt. input_ids, attention_mask: [B, P].
 
     eos_token_id: an int or a list; None takes model.generation_config.eos_token_id, [] disables EOS.
@@ -288,6 +335,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_n
     compact=False keeps finished rows in the batch (as transformers does): same results, slower; for tests.
     uniforms [B, max_new_tokens]: the sampling noise itself, in place of `generator` (the trainer draws each
     row's from its own seed, so a row samples the same tokens whatever batch or rank it lands in).
+    prefill: "grouped" (by prompt length: no padding computed; FLOPs are what a CPU pays for), "padded" (one
+    forward: kernel launches are what a GPU pays for), or "auto": grouped on the CPU, padded elsewhere.
     Returns a Rollout with T = the longest response (<= max_new_tokens).
     """
     device = input_ids.device
@@ -325,7 +374,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_n
     n_real = attention_mask.long().sum(-1)  # [B] real prompt tokens per row
     if int(n_real.min()) == 0:
         raise ValueError("every prompt needs at least one real token")
-    logits = _prefill(model, input_ids, attention_mask, n_real, cache)  # [B, V]
+    if prefill not in ("auto", "grouped", "padded"):
+        raise ValueError(f"prefill={prefill!r}: choose auto, grouped or padded")
+    grouped = prefill == "grouped" or (prefill == "auto" and device.type == "cpu")
+    logits = _prefill(model, input_ids, attention_mask, n_real, cache, grouped)  # [B, V]
 
     # Which cache slots each row may attend to at decode time: its real prompt tokens and every generated
     # token (all live rows advance in lockstep, so slot P + t is filled for all of them at step t).

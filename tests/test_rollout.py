@@ -130,6 +130,46 @@ def test_per_row_decode_attention_is_exact(monkeypatch):
     assert torch.allclose(out.logprobs[mask], expected[mask], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_padded_prefill_equals_grouped_prefill(arch):
+    """prefill="padded" (one forward over the left-padded prompts, the GPU's path) fills the same cache as the
+    grouped one: greedy tokens equal transformers' generate, sampled log-probs equal one full forward."""
+    model, tok = tiny(arch)
+    ids, am = encode(tok, PROMPTS + PROMPTS[:2])  # lengths 1 .. 52, and two prompts repeated (run once)
+    model.generation_config.eos_token_id = None
+    expected = model.generate(ids, attention_mask=am, do_sample=False, max_new_tokens=16, pad_token_id=tok.pad_token_id)
+    for prefill in ("padded", "grouped"):
+        out = generate(model, ids, am, 16, temperature=0, eos_token_id=[], pad_token_id=tok.pad_token_id, prefill=prefill)
+        assert torch.equal(out.sequences, expected), prefill
+    outs = [generate(model, ids, am, 24, temperature=0.9, eos_token_id=tok.eos_token_id, prefill=prefill,
+                     generator=torch.Generator().manual_seed(2)) for prefill in ("padded", "grouped")]
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    mask = outs[0].response_mask.bool()
+    expected = full_forward_logprobs(model, outs[0], am, 0.9)
+    assert torch.allclose(outs[0].logprobs[mask], expected[mask], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="prefill="):
+        generate(model, ids, am, 4, prefill="bucketed")
+
+
+def test_decode_attention_accepts_any_output_layout(monkeypatch):
+    """An SDPA kernel may return its output in another memory layout (CUDA's memory-efficient kernel does:
+    `.view` failed on an H200); the decode step must not assume a contiguous one. Simulated on the CPU."""
+    import rollout
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def strided_sdpa(q, k, v, **kw):  # same values, transposed memory: not viewable as [b, H, 1, d]
+        out = sdpa(q, k, v, **kw)
+        return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+    model, tok = tiny()
+    ids, am = encode(tok)
+    model.generation_config.eos_token_id = None
+    expected = generate(model, ids, am, 12, temperature=0, eos_token_id=[])
+    monkeypatch.setattr(rollout.F, "scaled_dot_product_attention", strided_sdpa)
+    out = generate(model, ids, am, 12, temperature=0, eos_token_id=[])
+    assert torch.equal(out.sequences, expected.sequences)
+
+
 def test_same_seed_same_samples_different_seed_different():
     model, tok = tiny(scale=2.0)
     ids, am = encode(tok)
