@@ -20,6 +20,9 @@ Sections, each a table row group, every ratio measured in this one run (alternat
               torchrun with 1 and 2 processes (gloo), bench/fsdp_memory.py
   grpo        a GRPO-mode step on TRL's settings (1 prompt x 8 completions of <= 128 tokens) vs TRL's
               GRPOTrainer (bench/trl_grpo.py, only with --trl_python: TRL is never a project dependency)
+On a machine with CUDA (--device auto takes it) every section runs there in bf16 (autocast over fp32 master weights
+in the update and the steps, as train_ppo.py on one GPU), with GPU-sized defaults, and the table goes to a block of
+its own in BENCHMARKS.md. --cudnn_attention true lets every section, ours and the baselines, use cuDNN's SDPA kernel.
 Timings on a shared machine are noisy: the load average at start and end is written with the table.
 """
 import argparse
@@ -293,6 +296,10 @@ def bench_step(args):
                     f"{b['gradients'] / GB:.2f} + AdamW {b['adamw'] / GB:.2f} + KV cache {b['kv_cache'] / GB:.2f} = "
                     f"{need / GB:.2f} GB | {peak / GB:.2f} GB | {peak / need:.2f}x (target <= 2x) |")
     a, b = (m[n].get("policy_loss", float("nan")) for n in ("packed", "padded"))
+    if args.device == "cuda":  # bf16: packing changes the matmuls' shapes, so their rounding; no exact equality
+        rows.append(f"| step | same samples: policy_loss packed {a:.7f}, padded {b:.7f} | differ by "
+                    f"{abs(a - b) / max(abs(b), 1e-12):.1%} | bf16 autocast: rows packed or padded round differently |")
+        return rows
     same = abs(a - b) <= 1e-6 * max(1.0, abs(b))  # the same samples and loss, up to float rounding
     rows.append(f"| step | same samples, same loss: policy_loss packed {a:.7f}, padded {b:.7f} | "
                 f"{'equal to 1e-6' if same else 'DIFFERENT'} | |")
@@ -356,6 +363,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections: " + " ".join(SECTIONS))
     p.add_argument("--quick", action="store_true", help="tiny sizes and a tiny model: checks that everything runs")
+    p.add_argument("--cudnn_attention", default="false", choices=["true", "false"],
+                   help="on a GPU, allow cuDNN's SDPA kernel in every section, ours and the baselines alike (the trainers' "
+                        "--cudnn_attention; default off as there); rollout.generate never uses it")
     p.add_argument("--trl_python", default="", help="python of a venv with trl installed: adds TRL's GRPOTrainer row")
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="markdown file written ('' for none)")
     p.add_argument("--model", default="smollm2-135m", help="model of the update and fsdp sections")
@@ -381,7 +391,10 @@ def main(argv=None):
     args.device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     gpu = args.device == "cuda"
     args.dtype = "bfloat16" if gpu else "float32"  # the generation weights; the update and steps autocast to it
-    args.train_device = ["--device", "cuda", "--dtype", "bfloat16"] if gpu else []  # train_ppo.py flags
+    args.train_device = ["--device", "cuda", "--dtype", "bfloat16", "--cudnn_attention", args.cudnn_attention] if gpu else []
+    if gpu:  # the same SDPA kernels for ours and the baselines (transformers' generate, the plain loop; TRL by env)
+        torch.backends.cuda.enable_cudnn_sdp(args.cudnn_attention == "true")
+        os.environ["MEDRLVR_CUDNN_ATTENTION"] = args.cudnn_attention
     defaults = dict(workloads=["smollm2-b8", "smollm2-b32", "smollm2-b128", "random-b32"] if gpu else ["smollm2-b8", "random-b32"],
                     gen_repeats=3 if gpu else 1, update_batch=64 if gpu else 8, micro_batch=16 if gpu else 4,
                     prompt_len=256 if gpu else 128, response_len=256 if gpu else 128, repeats=5 if gpu else 2,

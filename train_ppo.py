@@ -110,6 +110,7 @@ class Config:
     seed: int = arg(42, "seeds prompts order, option shuffling and sampling")
     device: str = arg("auto", "auto | cpu | cuda")
     dtype: str = arg("bfloat16", "compute dtype: bfloat16 (GPU) | float32; master weights and optimizer are fp32")
+    cudnn_attention: bool = arg(False, "on a GPU, let the training forwards use cuDNN's SDPA kernel (it builds a graph per new shape: 62% of an H200 decode step, BENCHMARKS.md); off: flash / memory-efficient / math. Generation never uses it")
     gradient_checkpointing: bool = arg(True, "recompute activations in backward (less memory, ~30% more compute)")
     pack_samples: bool = arg(True, "compute each prompt once for all of its samples in the reference, critic and update forwards (one packed row, a tree attention mask; model.pack); false: padded rows")
     forward_token_budget: int = arg(16384, "tokens (rows x longest packed row) per no-grad forward of the reference and critic; 0: all at once")
@@ -493,6 +494,8 @@ def start_run(cfg, check_config):
     """What both trainers do first: join the process group, re-check the settings against the number of
     ranks, seed, and find the checkpoint to resume from (rank 0 looks, every rank gets its answer)."""
     rank, world, device = D.setup(cfg.device, cfg.collective_timeout_s)
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(cfg.cudnn_attention)  # for this process's every SDPA call
     if problems := check_config(cfg, world):
         raise SystemExit("bad settings:\n  " + "\n  ".join(problems))
     log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if rank == 0 else (lambda msg: None)

@@ -69,6 +69,7 @@ class Config:
     seed: int = arg(42, "seeds the data order and option shuffling")
     device: str = arg("auto", "auto | cpu | cuda")
     dtype: str = arg("bfloat16", "compute dtype: bfloat16 (GPU) | float32; master weights and optimizer are fp32")
+    cudnn_attention: bool = arg(False, "on a GPU, let the training forwards use cuDNN's SDPA kernel (it builds a graph per new shape: 62% of an H200 decode step, BENCHMARKS.md); off: flash / memory-efficient / math. Generation never uses it")
     gradient_checkpointing: bool = arg(True, "recompute activations in backward (less memory, about a third more compute)")
     collective_timeout_s: float = arg(600.0, "a collective waiting longer than this fails the job instead of hanging")
     max_nonfinite_steps: int = arg(3, "stop after this many steps in a row skipped for a non-finite loss or gradient")

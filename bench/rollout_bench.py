@@ -162,6 +162,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     args.device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    if args.device.startswith("cuda"):  # transformers' generate with the kernels ours uses (rollout.generate skips cuDNN)
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if args.profile:
         return profile(args)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, {os.cpu_count()} cpus, "

@@ -14,6 +14,7 @@ inside TRL's step) and the mean completion length TRL logged.
 """
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,8 @@ def main():
     p.add_argument("--out", default="/tmp/bench_trl")
     p.add_argument("--device", default="cpu", help="cpu (fp32) | cuda (bf16 autocast over fp32 weights, as ours on a GPU)")
     args = p.parse_args()
+    if args.device == "cuda":  # bench.py's --cudnn_attention: the SDPA kernels ours ran with
+        torch.backends.cuda.enable_cudnn_sdp(os.environ.get("MEDRLVR_CUDNN_ATTENTION", "false") == "true")
     cfg = train_ppo.parse_config(["--preset", "demo", "--advantage", "grpo", "--rollout_batch_size", "1",
                                   "--n_samples_per_prompt", "8", "--max_new_tokens", "128", "--train_batch_size", "8"])
     _, tok = M.load_policy(cfg.model)
