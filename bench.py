@@ -144,7 +144,7 @@ def bench_generation(args, limits):
                         f"{args.max_new_tokens} new) | {tok_s[impl]:.1f} | "
                         f"{tok_s[impl] / tok_s['transformers']:.2f}x transformers |")
             rows.append(f"| generation | {name} {impl}: decode ms/step vs bound (weights + KV cache / bandwidth) | "
-                        f"{step_ms:.1f} ms vs {bound:.1f} ms | {bound / step_ms:.0%} of the bound |")
+                        f"{step_ms:.1f} ms vs {bound:.2f} ms | {bound / step_ms:.1%} of the bound |")
         del model
     return rows
 
