@@ -11,10 +11,10 @@ target tokens only, averaged over every target token of the global batch; the EO
 the model stops after the letter, as eval.py's greedy decoding expects. The study: "SFT (answers directly; lr
 searched over 1e-5, 5e-6, 1e-6; 10 epochs)": 50.0 on MedQA, 31.7 on MMLU-Pro health.
 
-The plumbing is train_ppo.py's, imported, not copied: model.load_policy, FSDP2 via distributed.shard,
-checkpoint.save_training / load_training / find_resumable, ppo.lr_schedule, the Config-of-flags style. The
-batches are a function of (seed, step) only, so a resumed run, or one on another number of processes, trains
-on exactly the batches an uninterrupted single-process run would have.
+The plumbing is the trainers' shared modules, imported, not copied: model.load_policy, FSDP2 via
+distributed.shard, checkpoint.save_training / load_training / find_resumable, ppo.lr_schedule, and common.py's
+flags and run setup. The batches are a function of (seed, step) only, so a resumed run, or one on another number
+of processes, trains on exactly the batches an uninterrupted single-process run would have.
 """
 import json
 import math
@@ -30,7 +30,7 @@ import data
 import distributed as D
 import model as M
 from ppo import lr_schedule
-from train_ppo import arg, autocast, fault, parse_flags, start_run  # flags, bf16 autocast, test hook, setup
+from common import arg, autocast, fault, parse_flags, start_run  # flags, run setup, bf16 autocast, test hook
 
 # What follows the prompt before the letter: "Answer:" wants a space; a chat template's assistant turn does not.
 TARGET_PREFIX = {"direct": " ", "direct_chat": ""}
@@ -91,7 +91,7 @@ PRESETS = {
 
 
 def parse_config(argv=None) -> Config:
-    """Flags override the preset, which overrides the dataclass defaults (train_ppo.parse_flags)."""
+    """Flags override the preset, which overrides the dataclass defaults (common.parse_flags)."""
     return parse_flags(Config, PRESETS, check_config, argv, __doc__.split("\n")[0])
 
 
