@@ -291,7 +291,7 @@ def bench_step(args):
     for name in ("packed", "padded"):
         b = runs[name]["budget"]
         need = sum(b.values())
-        peak = next(iter(runs[name]["peak_rss"].values()), float("nan"))
+        peak = next(iter(runs[name]["peak"].values()), float("nan"))
         rows.append(f"| step | {name}: {what} of the step vs weights {b['weights'] / GB:.2f} + gradients "
                     f"{b['gradients'] / GB:.2f} + AdamW {b['adamw'] / GB:.2f} + KV cache {b['kv_cache'] / GB:.2f} = "
                     f"{need / GB:.2f} GB | {peak / GB:.2f} GB | {peak / need:.2f}x (target <= 2x) |")

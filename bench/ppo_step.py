@@ -4,10 +4,10 @@ memory must at least hold.
 
     python bench/ppo_step.py --preset demo --max_steps 1 --out_dir /tmp/bench_step     # train_ppo.py flags
 
-Prints one line `BENCH_STEP {json}`: the metrics.jsonl lines, the peak RSS of each step, and the bytes of
+Prints one line `BENCH_STEP {json}`: the metrics.jsonl lines, each step's peak memory ("peak"), and the bytes of
 weights (policy + reference + critic), gradients and AdamW state (the trained models, fp32) and the KV cache
 of one rollout.generate call. The peak of a step is measured from its start: the kernel's high-water mark
-is reset (/proc/self/clear_refs) when make_experience begins, and read when ppo_update returns (a step
+(and PyTorch's GPU peak) is reset when make_experience begins, and read when ppo_update returns (a step
 whose update was skipped, e.g. GRPO with equal rewards, has no peak). Checkpoints are not written (the
 benchmark does not need them; their time is not in the step's time_* fields either).
 """
@@ -48,7 +48,7 @@ def param_bytes(model) -> int:
 
 
 def main(argv):
-    report = {"peak_rss": {}, "budget": None}
+    report = {"peak": {}, "budget": None}
     inner_make, inner_update = train_ppo.make_experience, train_ppo.ppo_update
 
     def make_experience(cfg, step, recs, texts, positions, policy, ref, critic, tok, device, timer):
@@ -68,7 +68,7 @@ def main(argv):
 
     def ppo_update(cfg, step, *args, **kwargs):
         out = inner_update(cfg, step, *args, **kwargs)
-        report["peak_rss"][step] = peak_bytes()
+        report["peak"][step] = peak_bytes()
         return out
 
     train_ppo.make_experience, train_ppo.ppo_update = make_experience, ppo_update
