@@ -131,9 +131,13 @@ def test_per_row_decode_attention_is_exact(monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_padded_prefill_equals_grouped_prefill(arch):
+def test_padded_prefill_equals_grouped_prefill(arch, monkeypatch):
     """prefill="padded" (one forward over the left-padded prompts, the GPU's path) fills the same cache as the
     grouped one: greedy tokens equal transformers' generate, sampled log-probs equal one full forward."""
+    import rollout
+    padded_calls = []
+    inner = rollout._prefill_padded
+    monkeypatch.setattr(rollout, "_prefill_padded", lambda *a: padded_calls.append(1) or inner(*a))
     model, tok = tiny(arch)
     ids, am = encode(tok, PROMPTS + PROMPTS[:2])  # lengths 1 .. 52, and two prompts repeated (run once)
     model.generation_config.eos_token_id = None
@@ -147,6 +151,7 @@ def test_padded_prefill_equals_grouped_prefill(arch):
     mask = outs[0].response_mask.bool()
     expected = full_forward_logprobs(model, outs[0], am, 0.9)
     assert torch.allclose(outs[0].logprobs[mask], expected[mask], atol=1e-5, rtol=0)
+    assert len(padded_calls) == 2  # prefill="padded" took its own path, and only when asked (CPU: grouped)
     with pytest.raises(ValueError, match="prefill="):
         generate(model, ids, am, 4, prefill="bucketed")
 
