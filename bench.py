@@ -6,7 +6,7 @@
     python bench.py --trl_python /work/trl-venv/bin/python   # adds TRL's GRPOTrainer (its own environment)
 
 Sections, each a table row group, every ratio measured in this one run (alternating where it matters):
-  machine     peak matmul FLOP/s (fp32 2048^2 and 4096^2 on CPU, bf16 on GPU) and copy bandwidth (read + write)
+  machine     peak matmul FLOP/s (fp32 2048^2 and 4096^2 on CPU, bf16 4096^2 and 8192^2 on GPU), copy bandwidth
   generation  useful tokens/s of rollout.generate vs transformers' generate (bench/rollout_bench.py's
               workloads), and decode ms/step vs the bound bandwidth / (weight bytes + KV cache bytes read)
   update      train_ppo.ppo_update (actor log-probs + policy_loss, critic values + value_loss, AdamW) vs a

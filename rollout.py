@@ -308,7 +308,7 @@ def cut_after_stop(text: str, stop_strings: list[str] | str | None) -> str:
 def _without_cudnn_attention(fn):
     """On CUDA, run fn with SDPA's flash, memory-efficient and math kernels, never cuDNN's. cuDNN attention
     builds a graph for each new shape, and a decode step's key length grows by one at every step: on an H200
-    it was 62% of a decode step's host time, and decoding without it was 2.4-3.5x faster (for transformers'
+    it was 62% of a decode step's host time, and decoding without it was 2.6-2.8x faster (for transformers'
     generate too; BENCHMARKS.md). The CPU has no cuDNN kernel: nothing changes there."""
     @functools.wraps(fn)
     def run(model, input_ids, *args, **kwargs):
