@@ -297,7 +297,7 @@ def no_grad_batches(cfg, seq, attn, mask):
     if cfg.pack_samples:
         return [(slice(None), packed) for packed in M.pack(seq, attn, mask, cfg.forward_token_budget)]
     mb = cfg.micro_batch_size
-    return [(slice(s, s + mb), M.trim(seq[s:s + mb], attn[s:s + mb], mask[s:s + mb])) for s in range(0, len(seq), mb)]
+    return [(slice(s, s + mb), M.response_batch(seq[s:s + mb], attn[s:s + mb], mask[s:s + mb], packed=False)) for s in range(0, len(seq), mb)]
 
 
 def forward_in_chunks(cfg, fn, batches, mask):

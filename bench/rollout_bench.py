@@ -65,7 +65,8 @@ def sync(device):
 def load(model_name: str, batch: int, device="cpu", dtype="float32"):
     """(model, tokenizer, input_ids [B, P], attention_mask [B, P], stop strings) for one workload, the model
     and the prompts on `device`, the weights in `dtype` (fp32 on CPU; bf16 on GPU)."""
-    from model import load_policy, load_tiny
+    from model import load_policy
+    from model_zoo import load_tiny
     if model_name == "random":
         model, tok = load_tiny("qwen2", seed=0, hidden=256, layers=4, heads=8, kv_heads=4, dtype=dtype, device=device)
         prompts = [f"Question {i}: " + "the patient presents with fever " * (1 + i % 4) for i in range(batch)]

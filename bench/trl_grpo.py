@@ -29,6 +29,7 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 import data  # noqa: E402
 import model as M  # noqa: E402
+import model_zoo  # noqa: E402
 import train_ppo  # noqa: E402
 import verifier  # noqa: E402
 
@@ -78,7 +79,7 @@ def main():
                        use_cpu=args.device == "cpu", bf16=args.device == "cuda", logging_steps=1, save_strategy="no", report_to="none",
                        temperature=1.0, top_p=1.0, top_k=0, seed=cfg.seed)
     clock = StepClock()
-    trainer = GRPOTrainer(model=str(M.smollm2_folder()), reward_funcs=reward, args=targs, train_dataset=ds,
+    trainer = GRPOTrainer(model=str(model_zoo.smollm2_folder()), reward_funcs=reward, args=targs, train_dataset=ds,
                           processing_class=tok, callbacks=[clock])
     trainer.train()
     lengths = [lg["completions/mean_length"] for lg in clock.logs if "completions/mean_length" in lg]

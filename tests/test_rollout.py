@@ -4,7 +4,8 @@ import string
 import pytest
 import torch
 
-from model import load_tiny, token_logprobs
+from model import token_logprobs
+from model_zoo import load_tiny
 from rollout import cut_after_stop, filter_logits, generate
 
 PROMPTS = ["Hello there, how are", "Q: 2+2?", "A much longer prompt about medicine and other things", "x",

@@ -12,6 +12,7 @@ import torch
 
 import data
 import model as M
+import model_zoo
 import rollout
 import train_sft as S
 import verifier
@@ -46,7 +47,7 @@ def smoke(tmp_path_factory):
 
 # ---- the batch: prompt left padded, target right padded, loss only on the letter and the EOS -------------------
 def test_examples_are_the_direct_prompt_then_space_letter_eos(data_dir):
-    _, tok = M.load_tiny()
+    _, tok = model_zoo.load_tiny()
     cfg = S.parse_config(["--preset", "smoke", "--train_data", "medqa_dev"])
     examples = S.load_examples(cfg, tok, log=print)
     rec = data.load_dataset("medqa_dev")[0]
@@ -70,7 +71,7 @@ def test_target_logprobs_are_those_of_the_last_tokens_and_the_mask_drops_the_pad
     """target_logprobs = log-softmax of a full forward at the positions before the last T tokens; the masked
     loss sums exactly the target tokens (no prompt token, no right padding)."""
     torch.manual_seed(0)
-    model, _ = M.load_tiny()
+    model, _ = model_zoo.load_tiny()
     ex = [{"prompt": [5, 6, 7, 8], "target": [3, 38, 0]}, {"prompt": [9, 10], "target": [3, 0]}]
     ids, attn, mask = S.make_batch(ex, pad_id=1)
     logp, hit = S.target_logprobs(model, ids, attn, mask.shape[1])  # [2, 3]
@@ -106,12 +107,12 @@ def test_step_rows_same_global_batch_for_any_world_and_one_permutation_per_epoch
 
 def test_micro_batching_does_not_change_the_loss_or_the_gradient():
     """Every micro-batch divides by the target tokens of the whole batch, so the step is the batch's token mean."""
-    _, tok = M.load_tiny()
+    _, tok = model_zoo.load_tiny()
     batch = [{"prompt": list(range(10, 10 + k)), "target": [3, 38 + k % 3, 0] if k % 2 else [38, 0]}
              for k in range(1, 7)]
     out = {}
     for micro in (1, 4, 6):
-        model, _ = M.load_tiny()
+        model, _ = model_zoo.load_tiny()
         cfg = S.parse_config(["--preset", "smoke", "--micro_batch_size", str(micro)])
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import model as M
+import model_zoo
 import train_ppo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +24,7 @@ VOLATILE = ("time_", "tokens_per_s")  # wall-clock figures differ between runs; 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     d = tmp_path_factory.mktemp("toy")
-    m, tok = M.load_tiny(chars="ABCD:", seed=0)
+    m, tok = model_zoo.load_tiny(chars="ABCD:", seed=0)
     M.save_model(m, tok, d / "tiny")
     recs = [{"id": f"q{i}", "question": f"Pick {'ABCD'[i % 4]}", "options": {"A": "x", "B": "y", "C": "z", "D": "w"},
              "answer": "ABCD"[i % 4], "source": "toy", "meta": {}} for i in range(16)]
