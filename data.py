@@ -11,8 +11,9 @@ Every dataset becomes a list of the same record:
   - MMLU-Pro's own schema (options as a list, `answer_index` 0-based, `question_id`, `src`),
   - MedMCQA json lines (`opa`..`opd`, `cop` 1-4 as in the original release; the Hub copy uses 0-3),
   - hendrycks MMLU CSV (no header: question, A, B, C, D, answer letter; subject from the file name),
-  - PubMedQA (ori_pqal.json / test_set.json: {pmid: {QUESTION, CONTEXTS, final_decision}}; labels may
-    instead come from test_ground_truth.json next to it) as a 3-option question: A. yes, B. no, C. maybe,
+  - PubMedQA (ori_pqal.json / test_set.json: {pmid: {QUESTION, CONTEXTS, final_decision}};
+    labels may instead come from test_ground_truth.json next to it) as a 3-option question:
+    A. yes, B. no, C. maybe,
   - generic jsonl: one record as above a line (`id`, `source`, `meta` optional).
 `load_dataset(name)` finds a named benchmark under the data folder (or downloads it from the Hub).
 
@@ -36,7 +37,9 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 class DataError(ValueError):
-    """A data file that cannot be read as multiple-choice questions. Message: "file:line: problem"."""
+    """A data file that cannot be read as multiple-choice questions.
+
+    The message is always "file:line: problem"."""
 
 
 def _error(path, line: int, problem: str) -> DataError:
@@ -59,7 +62,8 @@ def _read_text(path: Path) -> str:
         problem = f"not UTF-8 text (byte 0x{raw[e.start]:02x}): binary or another encoding"
         raise _error(path, line, problem) from None
     if "\x00" in text:  # valid UTF-8, but no text format holds NUL bytes
-        raise _error(path, text[: text.index("\x00")].count("\n") + 1, "NUL byte: binary data, not text")
+        raise _error(path, text[: text.index("\x00")].count("\n") + 1,
+                     "NUL byte: binary data, not text")
     if not text.strip():
         raise _error(path, 1, "file is empty: no records")
     return text
@@ -71,7 +75,8 @@ def _unique_keys(pairs):
     out = {}
     for key, value in pairs:
         if key in out:
-            raise ValueError(f"duplicate key {key!r} in a JSON object (e.g. the same option letter twice)")
+            raise ValueError(f"duplicate key {key!r} in a JSON object "
+                             "(e.g. the same option letter twice)")
         out[key] = value
     return out
 
@@ -80,7 +85,8 @@ def _loads(text: str, path, line: int, unique_keys=True):
     try:
         return json.loads(text, object_pairs_hook=_unique_keys if unique_keys else None)
     except json.JSONDecodeError as e:
-        raise _error(path, line + e.lineno - 1, f"malformed JSON: {e.msg} (column {e.colno})") from None
+        raise _error(path, line + e.lineno - 1,
+                     f"malformed JSON: {e.msg} (column {e.colno})") from None
     except ValueError as e:  # from _unique_keys
         raise _error(path, line, str(e)) from None
     except RecursionError:
@@ -88,28 +94,34 @@ def _loads(text: str, path, line: int, unique_keys=True):
 
 
 def _json_members(text: str, path):
-    """(line, key, value) for each member of a top-level JSON object (PubMedQA's {pmid: {...}} layout),
-    decoded one member at a time so that a problem inside a member can name the member's line."""
-    _loads(text, path, 1, unique_keys=False)  # syntax check of the whole document: its errors carry the line
+    """(line, key, value) for each member of a top-level JSON object (PubMedQA's {pmid: {...}}
+    layout), decoded one member at a time so that a problem inside a member can name its line."""
+    # A syntax check of the whole document first: its errors carry the line.
+    _loads(text, path, 1, unique_keys=False)
     if not text.lstrip().startswith("{"):
-        raise _error(path, 1, "expected a JSON object ({id: record, ...}) or one JSON object per line")
+        raise _error(path, 1,
+                     "expected a JSON object ({id: record, ...}) or one JSON object per line")
     decoder = json.JSONDecoder(object_pairs_hook=_unique_keys)
-    skip = re.compile(r"[\s,:]*")  # in valid JSON only whitespace, ',' and ':' sit between keys and values
-    i, line, counted, seen = text.index("{") + 1, 1, 0, {}
+    # In valid JSON only whitespace, ',' and ':' sit between keys and values.
+    separators = re.compile(r"[\s,:]*")
+    pos = text.index("{") + 1  # just after the opening brace
+    line = 1  # the line that `pos` is on
+    counted = 0  # the newlines before this position are already counted in `line`
+    first_line_of = {}
     while True:
-        i = skip.match(text, i).end()
-        if text[i] == "}":
+        pos = separators.match(text, pos).end()
+        if text[pos] == "}":
             return
-        line += text.count("\n", counted, i)
-        counted = i
-        key, i = decoder.raw_decode(text, i)
+        line += text.count("\n", counted, pos)
+        counted = pos
+        key, pos = decoder.raw_decode(text, pos)
         try:
-            value, i = decoder.raw_decode(text, skip.match(text, i).end())
+            value, pos = decoder.raw_decode(text, separators.match(text, pos).end())
         except ValueError as e:
             raise _error(path, line, str(e)) from None
-        if key in seen:
-            raise _error(path, line, f"duplicate key {key!r} (first on line {seen[key]})")
-        seen[key] = line
+        if key in first_line_of:
+            raise _error(path, line, f"duplicate key {key!r} (first on line {first_line_of[key]})")
+        first_line_of[key] = line
         yield line, key, value
 
 
@@ -129,56 +141,66 @@ def _get(obj: dict, key: str, kind, where, optional=False):
 
 # ---- One converter per schema: raw object -> record fields (checked later, in one place) ---------
 
-def _from_medqa(o: dict, where) -> dict:
+def _from_medqa(obj: dict, where) -> dict:
     """MedQA-USMLE, and MMLU-Pro as medagents-benchmark ships it (`realidx`, `src`)."""
-    rec = {"question": _get(o, "question", str, where), "options": _get(o, "options", dict, where),
-           "answer": _get(o, "answer_idx", str, where), "meta": {}}
-    text = _get(o, "answer", str, where, optional=True)  # the gold option's text: a free consistency check
-    gold = rec["options"].get(rec["answer"])
-    if text is not None and isinstance(gold, str) and gold.strip() != text.strip():
-        raise _error(*where, f"answer_idx {rec['answer']!r} names {gold!r}, but field 'answer' says {text!r}")
-    rec["source"] = "mmlu_pro" if "realidx" in o else "medqa"
-    if "realidx" in o:
-        rec["id"] = f"mmlu_pro-{_get(o, 'realidx', (int, str), where)}"
-    if "meta_info" in o:
-        rec["meta"]["step"] = _get(o, "meta_info", str, where)  # "step1" | "step2&3"
-    if "src" in o:
-        rec["meta"]["subject"] = _get(o, "src", str, where)  # e.g. "ori_mmlu-virology"
+    rec = {"question": _get(obj, "question", str, where),
+           "options": _get(obj, "options", dict, where),
+           "answer": _get(obj, "answer_idx", str, where), "meta": {}}
+    # The gold option's text: a free consistency check.
+    answer_text = _get(obj, "answer", str, where, optional=True)
+    gold_text = rec["options"].get(rec["answer"])
+    if (answer_text is not None and isinstance(gold_text, str)
+            and gold_text.strip() != answer_text.strip()):
+        raise _error(*where, f"answer_idx {rec['answer']!r} names {gold_text!r}, "
+                             f"but field 'answer' says {answer_text!r}")
+    rec["source"] = "mmlu_pro" if "realidx" in obj else "medqa"
+    if "realidx" in obj:
+        rec["id"] = f"mmlu_pro-{_get(obj, 'realidx', (int, str), where)}"
+    if "meta_info" in obj:
+        rec["meta"]["step"] = _get(obj, "meta_info", str, where)  # "step1" | "step2&3"
+    if "src" in obj:
+        rec["meta"]["subject"] = _get(obj, "src", str, where)  # e.g. "ori_mmlu-virology"
     return rec
 
 
-def _from_mmlu_pro(o: dict, where) -> dict:
-    """MMLU-Pro's own schema: options as a list, gold as a 0-based `answer_index` and a letter `answer`."""
-    options = _get(o, "options", list, where)
-    index = _get(o, "answer_index", int, where)
+def _from_mmlu_pro(obj: dict, where) -> dict:
+    """MMLU-Pro's own schema: options as a list, gold as a 0-based `answer_index` and a letter
+    `answer`."""
+    options = _get(obj, "options", list, where)
+    index = _get(obj, "answer_index", int, where)
     if not 0 <= index < len(options):
         raise _error(*where, f"answer_index {index} is outside the {len(options)} options")
-    letter = _get(o, "answer", str, where, optional=True)
+    letter = _get(obj, "answer", str, where, optional=True)
     if letter is not None and letter != LETTERS[index]:
-        raise _error(*where, f"answer {letter!r} disagrees with answer_index {index} ({LETTERS[index]!r})")
-    return {"id": f"mmlu_pro-{_get(o, 'question_id', (int, str), where)}", "source": "mmlu_pro",
-            "question": _get(o, "question", str, where), "options": dict(zip(LETTERS, options)),
-            "answer": LETTERS[index], "meta": {"subject": _get(o, "src", str, where)}}
+        raise _error(*where, f"answer {letter!r} disagrees with answer_index {index} "
+                             f"({LETTERS[index]!r})")
+    return {"id": f"mmlu_pro-{_get(obj, 'question_id', (int, str), where)}", "source": "mmlu_pro",
+            "question": _get(obj, "question", str, where), "options": dict(zip(LETTERS, options)),
+            "answer": LETTERS[index], "meta": {"subject": _get(obj, "src", str, where)}}
 
 
-def _from_medmcqa(o: dict, where) -> dict:
-    cop = _get(o, "cop", int, where)
-    if cop not in (1, 2, 3, 4):  # this release counts from 1 (its explanations say "Ans-a" where cop == 1)
+def _from_medmcqa(obj: dict, where) -> dict:
+    cop = _get(obj, "cop", int, where)
+    # This release counts from 1 (its explanations say "Ans-a" where cop == 1).
+    if cop not in (1, 2, 3, 4):
         raise _error(*where, f"cop must be 1-4 (1 = opa), got {cop}")
-    meta = {"subject": o.get("subject_name"), "choice_type": o.get("choice_type")}
-    return {"id": f"medmcqa-{_get(o, 'id', str, where)}", "source": "medmcqa",
-            "question": _get(o, "question", str, where),
-            "options": {L: _get(o, f"op{L.lower()}", str, where) for L in "ABCD"},
+    meta = {"subject": obj.get("subject_name"), "choice_type": obj.get("choice_type")}
+    return {"id": f"medmcqa-{_get(obj, 'id', str, where)}", "source": "medmcqa",
+            "question": _get(obj, "question", str, where),
+            "options": {letter: _get(obj, f"op{letter.lower()}", str, where)
+                        for letter in "ABCD"},
             "answer": "ABCD"[cop - 1], "meta": meta}
 
 
-def _from_generic(o: dict, where) -> dict:
-    rec = {"question": _get(o, "question", str, where), "options": _get(o, "options", dict, where),
-           "answer": _get(o, "answer", str, where), "meta": _get(o, "meta", dict, where, optional=True) or {}}
-    if o.get("id") is not None:
-        rec["id"] = str(_get(o, "id", (str, int), where))
-    if o.get("source") is not None:
-        rec["source"] = _get(o, "source", str, where)
+def _from_generic(obj: dict, where) -> dict:
+    rec = {"question": _get(obj, "question", str, where),
+           "options": _get(obj, "options", dict, where),
+           "answer": _get(obj, "answer", str, where),
+           "meta": _get(obj, "meta", dict, where, optional=True) or {}}
+    if obj.get("id") is not None:
+        rec["id"] = str(_get(obj, "id", (str, int), where))
+    if obj.get("source") is not None:
+        rec["source"] = _get(obj, "source", str, where)
     return rec
 
 
@@ -188,28 +210,33 @@ _SCHEMAS = (("opa", _from_medmcqa), ("answer_index", _from_mmlu_pro), ("answer_i
 
 
 def _jsonl_records(text: str, path):
-    """One JSON object a line. The schema is chosen once, from the first record, so a later broken line
-    gets a precise message ("missing field 'answer_idx'") rather than "unknown format".
-    split("\\n"), not splitlines(): JSON strings may hold U+2028, which splitlines() takes for a break."""
+    """One JSON object a line. The schema is chosen once, from the first record, so a later broken
+    line gets a precise message ("missing field 'answer_idx'") rather than "unknown format".
+    split("\\n"), not splitlines(): JSON strings may hold U+2028, which splitlines() takes for a
+    line break."""
     convert = None
     for line, raw in enumerate(text.split("\n"), 1):
         if not raw.strip():
             continue
         obj = _loads(raw, path, line)
         if not isinstance(obj, dict):
-            raise _error(path, line, f"expected a JSON object on this line, got {type(obj).__name__}")
-        convert = convert or next((f for key, f in _SCHEMAS if key in obj), None)
+            raise _error(path, line,
+                         f"expected a JSON object on this line, got {type(obj).__name__}")
+        convert = convert or next((converter for key, converter in _SCHEMAS if key in obj),
+                                  None)
         if convert is None:
-            raise _error(path, line, f"unrecognised record with fields {sorted(obj)}; expected MedQA "
-                         "(options, answer_idx), MMLU-Pro (options list, answer_index), MedMCQA "
-                         "(opa..opd, cop) or generic (question, options, answer)")
+            raise _error(path, line, f"unrecognised record with fields {sorted(obj)}; "
+                                     "expected MedQA (options, answer_idx), MMLU-Pro (options "
+                                     "list, answer_index), MedMCQA (opa..opd, cop) or generic "
+                                     "(question, options, answer)")
         yield line, convert(obj, (path, line))
 
 
 def _mmlu_csv_records(text: str, path: Path):
     subject = re.sub(r"_(test|dev|val)$", "", path.stem)  # anatomy_test.csv -> "anatomy"
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    start = 1  # a quoted field may span lines: a row starts on the line after the previous row ended
+    # A quoted field may span lines: a row starts on the line after the previous row ended.
+    start = 1
     try:
         for row in reader:
             line, start = start, reader.line_num + 1
@@ -228,41 +255,47 @@ PUBMEDQA_OPTIONS = {"A": "yes", "B": "no", "C": "maybe"}
 
 
 def _pubmedqa_records(text: str, path: Path):
-    """Each PubMedQA item becomes: question = "Context: <abstract>\\nQuestion: <question>", options
-    yes / no / maybe. Labels: the item's final_decision, checked against test_ground_truth.json if present."""
+    """Each PubMedQA item becomes: question = "Context: <abstract>\\nQuestion: <question>",
+    options yes / no / maybe. Labels: the item's final_decision, checked against
+    test_ground_truth.json if present."""
     truth_path = path.with_name("test_ground_truth.json")
     truth = {}
     if truth_path.exists() and truth_path.resolve() != path.resolve():
-        truth = {k: v for _, k, v in _json_members(_read_text(truth_path), truth_path)}
-    letter_of = {text: letter for letter, text in PUBMEDQA_OPTIONS.items()}
-    for line, pmid, o in _json_members(text, path):
+        truth_members = _json_members(_read_text(truth_path), truth_path)
+        truth = {pmid: label for _, pmid, label in truth_members}
+    letter_of = {option: letter for letter, option in PUBMEDQA_OPTIONS.items()}
+    for line, pmid, item in _json_members(text, path):
         where = (path, line)
-        if not isinstance(o, dict):
-            hint = " (a label file? load test_set.json next to it)" if isinstance(o, str) else ""
-            raise _error(path, line, f"expected PubMedQA's {{pmid: {{QUESTION, CONTEXTS, final_decision}}}}, "
-                                     f"but {pmid!r} maps to {type(o).__name__}{hint}")
-        contexts = _get(o, "CONTEXTS", list, where)
+        if not isinstance(item, dict):
+            hint = " (a label file? load test_set.json next to it)" if isinstance(item, str) else ""
+            raise _error(path, line, "expected PubMedQA's "
+                                     "{pmid: {QUESTION, CONTEXTS, final_decision}}, "
+                                     f"but {pmid!r} maps to {type(item).__name__}{hint}")
+        contexts = _get(item, "CONTEXTS", list, where)
         if not all(isinstance(c, str) for c in contexts):
             raise _error(path, line, "field 'CONTEXTS' should be a list of str")
-        decision = _get(o, "final_decision", str, where, optional=True) or truth.get(pmid)
+        decision = _get(item, "final_decision", str, where, optional=True) or truth.get(pmid)
         if decision is None:
-            raise _error(path, line, f"no final_decision for {pmid!r}, and no label in {truth_path.name}")
+            raise _error(path, line,
+                         f"no final_decision for {pmid!r}, and no label in {truth_path.name}")
         if pmid in truth and truth[pmid] != decision:
-            raise _error(path, line, f"final_decision {decision!r} disagrees with {truth_path.name} "
-                                     f"({truth[pmid]!r})")
+            raise _error(path, line, f"final_decision {decision!r} disagrees with "
+                                     f"{truth_path.name} ({truth[pmid]!r})")
         if decision not in letter_of:
-            raise _error(path, line, f"final_decision should be yes, no or maybe, got {decision!r}")
+            raise _error(path, line,
+                         f"final_decision should be yes, no or maybe, got {decision!r}")
         abstract = " ".join(c.strip() for c in contexts)
-        question = f"Context: {abstract}\nQuestion: {_get(o, 'QUESTION', str, where)}"
+        question = f"Context: {abstract}\nQuestion: {_get(item, 'QUESTION', str, where)}"
         yield line, {"id": f"pubmedqa-{pmid}", "source": "pubmedqa", "question": question,
                      "options": dict(PUBMEDQA_OPTIONS), "answer": letter_of[decision],
-                     "meta": {"pmid": pmid, "year": o.get("YEAR")}}
+                     "meta": {"pmid": pmid, "year": item.get("YEAR")}}
 
 
-# ---- load_mcqa: format detection, the checks every record must pass, ids -------------------------
+# ---- load_mcqa: format detection, the checks every record must pass, ids ---------------------
 
 def _check(rec: dict, path, line: int) -> dict:
-    """The rules every record obeys, whatever its source; strips surrounding whitespace from texts."""
+    """The rules every record obeys, whatever its source; strips surrounding whitespace from
+    texts."""
     question, options, answer = rec["question"].strip(), rec["options"], rec["answer"]
     if not question:
         raise _error(path, line, "empty question")
@@ -277,56 +310,68 @@ def _check(rec: dict, path, line: int) -> dict:
         if not text.strip():
             raise _error(path, line, f"option {letter} is empty")
     if answer not in options:
-        raise _error(path, line, f"gold answer {answer!r} is not among the options {''.join(options)}")
-    return {"id": rec["id"], "question": question, "options": {k: v.strip() for k, v in options.items()},
+        raise _error(path, line,
+                     f"gold answer {answer!r} is not among the options {''.join(options)}")
+    return {"id": rec["id"], "question": question,
+            "options": {letter: text.strip() for letter, text in options.items()},
             "answer": answer, "source": rec["source"], "meta": rec["meta"]}
 
 
 def _is_json_document(text: str) -> bool:
-    """True for one JSON object spanning the file ({pmid: item, ...}: PubMedQA), False for JSON lines."""
+    """True for one JSON object spanning the file ({pmid: item, ...}: PubMedQA), False for JSON
+    lines."""
     try:
-        whole = json.loads(text)  # JSON lines fail fast here: "Extra data" right after the first line
-    except (ValueError, RecursionError):  # broken either way; a lone "{" first line means a document
-        return next(s.strip() for s in text.split("\n") if s.strip()) == "{"
-    return isinstance(whole, dict) and not {"question", "options"} & set(whole)  # not a 1-line jsonl
+        # JSON lines fail fast here: "Extra data" right after the first line.
+        whole = json.loads(text)
+    except (ValueError, RecursionError):
+        # Broken either way; a lone "{" on the first line means a document.
+        return next(line.strip() for line in text.split("\n") if line.strip()) == "{"
+    # A dict with record fields is a one-line jsonl file, not a document.
+    return isinstance(whole, dict) and not {"question", "options"} & set(whole)
 
 
 def load_mcqa(path) -> list[dict]:
-    """All records of one file, in file order. Raises DataError("file:line: problem") on any bad input."""
+    """All records of one file, in file order.
+
+    Raises DataError("file:line: problem") on any bad input."""
     path = Path(path)
     text = _read_text(path)
     if path.suffix.lower() == ".csv":
-        rows = _mmlu_csv_records(text, path)
+        numbered_records = _mmlu_csv_records(text, path)
     elif _is_json_document(text):
-        rows = _pubmedqa_records(text, path)
+        numbered_records = _pubmedqa_records(text, path)
     else:
-        rows = _jsonl_records(text, path)
+        numbered_records = _jsonl_records(text, path)
     records, line_of_id = [], {}
-    for line, rec in rows:
-        rec.setdefault("source", path.stem)
-        rec.setdefault("id", f"{rec['source']}_{path.stem}-{line}")  # "medqa_test-17": file line 17
-        rec = _check(rec, path, line)
-        if rec["id"] in line_of_id:
-            raise _error(path, line, f"duplicate id {rec['id']!r} (first on line {line_of_id[rec['id']]})")
-        line_of_id[rec["id"]] = line
-        records.append(rec)
+    for line, fields in numbered_records:
+        fields.setdefault("source", path.stem)
+        # "medqa_test-17": line 17 of medqa's test file.
+        fields.setdefault("id", f"{fields['source']}_{path.stem}-{line}")
+        record = _check(fields, path, line)
+        if record["id"] in line_of_id:
+            raise _error(path, line, f"duplicate id {record['id']!r} "
+                                     f"(first on line {line_of_id[record['id']]})")
+        line_of_id[record["id"]] = line
+        records.append(record)
     if not records:
         raise _error(path, 1, "no records (only blank lines)")
     return records
 
 
-# ---- load_dataset: names -> files under the data folder, downloaded from the Hub where possible ---
+# ---- load_dataset: names -> files under the data folder, from the Hub where possible --------
 
 DEFAULT_DATA_DIR = "~/.cache/medrlvr/data"  # used when neither data_dir nor MEDRLVR_DATA is given
 MEDQA_HUB = "GBaker/MedQA-USMLE-4-options"  # the 4-option MedQA in this very jsonl schema
 MEDQA_ORIGIN = "github.com/jind11/MedQA, data_clean/questions/US/"
 MMLU_MEDICAL_SUBJECTS = ("anatomy", "clinical_knowledge", "college_biology", "college_medicine",
                          "medical_genetics", "professional_medicine")
-# name -> (path under the data folder, (Hub dataset repo, file) or None, where else the file comes from)
+# name -> (path under the data folder, (Hub dataset repo, file) or None,
+#          where else the file comes from)
 DATASETS = {
     "medqa_train": ("medqa/4_options/train.jsonl", (MEDQA_HUB, "phrases_no_exclude_train.jsonl"),
                     MEDQA_ORIGIN + "4_options/phrases_no_exclude_train.jsonl"),
-    "medqa_dev": ("medqa/4_options/dev.jsonl", None, MEDQA_ORIGIN + "4_options/phrases_no_exclude_dev.jsonl"),
+    "medqa_dev": ("medqa/4_options/dev.jsonl", None,
+                  MEDQA_ORIGIN + "4_options/phrases_no_exclude_dev.jsonl"),
     "medqa_test": ("medqa/4_options/test.jsonl", (MEDQA_HUB, "phrases_no_exclude_test.jsonl"),
                    MEDQA_ORIGIN + "4_options/phrases_no_exclude_test.jsonl"),
     "medqa5_dev": ("medqa/5_options/dev.jsonl", None, MEDQA_ORIGIN + "dev.jsonl"),
@@ -334,30 +379,35 @@ DATASETS = {
     "mmlu_pro_health": ("mmlu_pro_health/test.jsonl", None,
                         "github.com/xk-huang/medagents-benchmark, data/mmlu-pro/test.jsonl"),
     "medmcqa_dev": ("medmcqa/dev.json", None, "github.com/medmcqa/medmcqa, the release's dev.json"),
-    "mmlu_medical": ("mmlu_medical/test", None, "github.com/hendrycks/test, data.tar: data/test/<subject>_test.csv"),
+    "mmlu_medical": ("mmlu_medical/test", None,
+                     "github.com/hendrycks/test, data.tar: data/test/<subject>_test.csv"),
     "pubmedqa": ("pubmedqa/test_set.json", None,
                  "github.com/pubmedqa/pubmedqa, data/ (test_set.json and test_ground_truth.json)"),
 }
 
 
 def _ensure_file(path: Path, name: str) -> Path:
-    """`path` if it exists; else download it from the Hub (where the dataset is there in our schema)."""
+    """`path` if it exists; else download it from the Hub (where the dataset is there in our
+    schema)."""
     if path.exists():
         return path
     _, hub, origin = DATASETS[name]
-    how = f"put it there (source: {origin}), or point MEDRLVR_DATA / data_dir at a folder that has it"
+    how = (f"put it there (source: {origin}), "
+           "or point MEDRLVR_DATA / data_dir at a folder that has it")
     if hub is None:
         raise DataError(f"{path}: not found; dataset {name!r} reads this file: {how}")
     repo, filename = hub
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        raise DataError(f"{path}: not found, and HF_HUB_OFFLINE is set, so it was not downloaded from the "
-                        f"Hugging Face Hub (dataset {repo}, file {filename}); {how}, or run once online")
+        raise DataError(f"{path}: not found, and HF_HUB_OFFLINE is set, so it was not downloaded "
+                        f"from the Hugging Face Hub (dataset {repo}, file {filename}); {how}, "
+                        "or run once online")
     try:
         from huggingface_hub import hf_hub_download  # only needed here; comes with transformers
         cached = Path(hf_hub_download(repo_id=repo, filename=filename, repo_type="dataset"))
     except Exception as e:  # no network, no such repo, ...: one clear message either way
-        raise DataError(f"{path}: not found, and downloading {filename} from the Hugging Face Hub dataset "
-                        f"{repo} failed ({type(e).__name__}: {str(e)[:200]}); {how}") from None
+        raise DataError(f"{path}: not found, and downloading {filename} from the Hugging Face Hub "
+                        f"dataset {repo} failed ({type(e).__name__}: {str(e)[:200]}); "
+                        f"{how}") from None
     try:  # copy into the data folder, atomically, so the next run finds it there
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
@@ -376,17 +426,20 @@ def load_dataset(name_or_path: str, data_dir: str | None = None) -> list[dict]:
     if name_or_path not in DATASETS:
         path = Path(name_or_path).expanduser()
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".csv", ".jsonl"))
-            return [rec for f in files for rec in load_mcqa(f)]
+            files = sorted(child for child in path.iterdir()
+                           if child.suffix.lower() in (".csv", ".jsonl"))
+            return [record for file in files for record in load_mcqa(file)]
         if path.exists():
             return load_mcqa(path)
-        raise DataError(f"{name_or_path}: no such file, and not a dataset name ({', '.join(DATASETS)})")
+        raise DataError(f"{name_or_path}: no such file, "
+                        f"and not a dataset name ({', '.join(DATASETS)})")
     root = Path(data_dir or os.environ.get("MEDRLVR_DATA") or DEFAULT_DATA_DIR).expanduser()
-    rel = DATASETS[name_or_path][0]
+    relative_path = DATASETS[name_or_path][0]
     if name_or_path == "mmlu_medical":  # six subject files, one benchmark
-        return [rec for s in MMLU_MEDICAL_SUBJECTS
-                for rec in load_mcqa(_ensure_file(root / rel / f"{s}_test.csv", name_or_path))]
-    return load_mcqa(_ensure_file(root / rel, name_or_path))
+        return [record for subject in MMLU_MEDICAL_SUBJECTS
+                for record in load_mcqa(_ensure_file(root / relative_path / f"{subject}_test.csv",
+                                                     name_or_path))]
+    return load_mcqa(_ensure_file(root / relative_path, name_or_path))
 
 
 # ---- Prompts -------------------------------------------------------------------------------------
@@ -394,11 +447,11 @@ def load_dataset(name_or_path: str, data_dir: str | None = None) -> list[dict]:
 # The study's template, DeepSeek-R1's text, exactly. R1_INSTRUCTION is its first paragraph alone,
 # the system message of the chat variant.
 R1_INSTRUCTION = (
-    "A conversation between User and Assistant. The user asks a question, and the assistant solves it. "
-    "The assistant first thinks about the reasoning process in the mind and then provides the user with "
-    "the answer. The reasoning process and answer are enclosed within <think> </think> and <answer> "
-    "</answer> tags, respectively, i.e., <think> reasoning process here </think><answer> answer here "
-    "</answer>."
+    "A conversation between User and Assistant. The user asks a question, and the assistant "
+    "solves it. The assistant first thinks about the reasoning process in the mind and then "
+    "provides the user with the answer. The reasoning process and answer are enclosed within "
+    "<think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning process "
+    "here </think><answer> answer here </answer>."
 )
 R1_TEMPLATE = R1_INSTRUCTION + "\nUser: {input}\nAssistant:"
 ANSWER_INSTRUCTION = "Answer with just one of the letters from the options below."
@@ -406,32 +459,42 @@ COT_INSTRUCTION = ('Think step by step, then finish with "The answer is X", '
                    "where X is the letter of the correct option.")
 
 # style -> the text the prompt already put into the assistant's mouth. The verifier always sees
-# PROMPT_PREFILL[style] + generated_text, so a prefilled "<think>" still counts as the response's own.
+# PROMPT_PREFILL[style] + generated_text, so a prefilled "<think>" still counts as the response's
+# own.
 PROMPT_PREFILL = {
-    "r1": "",               # the study's prompt: ends "Assistant:", the model must open <think> itself
-    "r1_think": "<think>",  # same, ending "Assistant: <think>": helps a small base model find the format
-    "r1_chat": "<think>",   # instruct models: chat template, system = R1 instruction, reply starts <think>
-    "r1_chat_1shot": "<think>",  # r1_chat after one worked example (the CPU demo: a 135M model needs it)
-    "direct": "",           # the study's direct-answer baseline and SFT format: "...\nAnswer:" -> " B"
-    "direct_chat": "",      # direct answer through an instruct model's chat template
-    "cot": "",              # the study's chain-of-thought baseline: reason, then "The answer is X"
+    # The study's prompt: ends "Assistant:", the model must open <think> itself.
+    "r1": "",
+    # The same, ending "Assistant: <think>": helps a small base model find the format.
+    "r1_think": "<think>",
+    # Instruct models: chat template, system = R1 instruction, the reply starts <think>.
+    "r1_chat": "<think>",
+    # r1_chat after one worked example (the CPU demo: a 135M model needs it).
+    "r1_chat_1shot": "<think>",
+    # The study's direct-answer baseline and SFT format: "...\nAnswer:" -> " B".
+    "direct": "",
+    # A direct answer through an instruct model's chat template.
+    "direct_chat": "",
+    # The study's chain-of-thought baseline: reason, then "The answer is X".
+    "cot": "",
 }
 PROMPT_STYLES = tuple(PROMPT_PREFILL)
 
 
-# The worked example of the r1_chat_1shot style (hand-written, in none of the benchmark sets). Without it a
-# 135M instruct model almost never closes its <think> and opens <answer>, and RL has nothing to reinforce.
-ONE_SHOT_RECORD = {"question": "A 24-year-old woman has itchy, watery eyes and sneezing every spring. "
-                               "Which is the most appropriate first treatment?",
+# The worked example of the r1_chat_1shot style (hand-written, in none of the benchmark sets).
+# Without it a 135M instruct model almost never closes its <think> and opens <answer>, and RL has
+# nothing to reinforce.
+ONE_SHOT_RECORD = {"question": "A 24-year-old woman has itchy, watery eyes and sneezing every "
+                               "spring. Which is the most appropriate first treatment?",
                    "options": {"A": "Oral prednisone", "B": "Intravenous antibiotics",
                                "C": "A nasal antihistamine spray", "D": "Surgery"}}
-ONE_SHOT_ANSWER = ("<think> Seasonal itching, tearing and sneezing point to allergic rhinitis. Steroids by mouth, "
-                   "antibiotics and surgery are not first-line; a topical antihistamine is. </think>"
-                   "<answer> C </answer>")
+ONE_SHOT_ANSWER = ("<think> Seasonal itching, tearing and sneezing point to allergic rhinitis. "
+                   "Steroids by mouth, antibiotics and surgery are not first-line; a topical "
+                   "antihistamine is. </think><answer> C </answer>")
 
 
 def format_question(record: dict) -> str:
-    """The study's {input}: the question, the answer instruction, then one "A. text" line per option."""
+    """The study's {input}: the question, the answer instruction, then one "A. text" line per
+    option."""
     lines = [record["question"], ANSWER_INSTRUCTION]
     lines += [f"{letter}. {text}" for letter, text in record["options"].items()]
     return "\n".join(lines)
@@ -444,7 +507,9 @@ def _chat(tokenizer, messages: list[dict], style: str) -> str:
 
 
 def build_prompt(record: dict, style: str = "r1", tokenizer=None) -> str:
-    """The prompt text for one record. The SFT target of the "direct" style is " " + record["answer"]."""
+    """The prompt text for one record.
+
+    The SFT target of the "direct" style is " " + record["answer"]."""
     question = format_question(record)
     if style == "r1":
         return R1_TEMPLATE.format(input=question)
@@ -479,10 +544,11 @@ _POINTS_AT_OPTIONS = re.compile(r"(?i)\b(all|none|both|neither) of (the )?(above
 
 
 def shuffle_options(record: dict, seed: int) -> dict:
-    """A copy of `record` with its options in a seeded random order; the gold letter follows its text.
-    The order depends on (seed, record id) only, not on where the record sits in a list;
+    """A copy of `record` with its options in a seeded random order; the gold letter follows its
+    text. The order depends on (seed, record id) only, not on where the record sits in a list;
     meta["original_letters"] maps the new letters back to the old ones."""
-    order = list(record["options"])  # order[i]: the old letter of the option that becomes LETTERS[i]
+    # order[i]: the old letter of the option that becomes LETTERS[i].
+    order = list(record["options"])
     if not any(_POINTS_AT_OPTIONS.search(text) for text in record["options"].values()):
         random.Random(f"shuffle:{seed}:{record['id']}").shuffle(order)
     return {**record,
@@ -499,33 +565,36 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def tokenize_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int | None):
-    """Token ids of `prompts`, LEFT padded (generation appends on the right, so every row's last prompt
-    token sits in the same column). Prompts longer than max_prompt_tokens are left out, never cut:
-    a cut question is a different question. Their indices come back in `skipped` for the caller to
-    report, and a warning logs the count.
-    Returns (input_ids [B, P] long, attention_mask [B, P] long, kept: list[int], skipped: list[int])."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    """Token ids of `prompts`, LEFT padded (generation appends on the right, so every row's last
+    prompt token sits in the same column). Prompts longer than max_prompt_tokens are left out,
+    never cut: a cut question is a different question. Their indices come back in `skipped` for
+    the caller to report, and a warning logs the count.
+
+    Returns (input_ids [B, P] long, attention_mask [B, P] long, kept: list[int],
+    skipped: list[int])."""
+    pad_id = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+              else tokenizer.eos_token_id)
     if pad_id is None:
         raise ValueError("tokenizer has neither a pad nor an eos token to pad with")
-    bos = getattr(tokenizer, "bos_token", None)
-    rows, kept, skipped = [], [], []
-    for i, prompt in enumerate(prompts):
+    bos_token = getattr(tokenizer, "bos_token", None)
+    kept_ids, kept, skipped = [], [], []
+    for index, prompt in enumerate(prompts):
         # A chat template already wrote the BOS token into the text: do not add a second one.
-        add_special = not (bos and prompt.startswith(bos))
+        add_special = not (bos_token and prompt.startswith(bos_token))
         ids = tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
         if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
-            skipped.append(i)
+            skipped.append(index)
         else:
-            kept.append(i)
-            rows.append(ids)
+            kept.append(index)
+            kept_ids.append(ids)
     if skipped:
         log.warning("tokenize_prompts: left out %d of %d prompts longer than %d tokens",
                     len(skipped), len(prompts), max_prompt_tokens)
-    width = max((len(r) for r in rows), default=0)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [B, P]
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, P]
-    for b, ids in enumerate(rows):
+    width = max((len(ids) for ids in kept_ids), default=0)
+    input_ids = torch.full((len(kept_ids), width), pad_id, dtype=torch.long)  # [B, P]
+    attention_mask = torch.zeros((len(kept_ids), width), dtype=torch.long)  # [B, P]
+    for row, ids in enumerate(kept_ids):
         if ids:
-            input_ids[b, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[b, width - len(ids):] = 1
+            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, width - len(ids):] = 1
     return input_ids, attention_mask, kept, skipped

@@ -1,50 +1,54 @@
-"""The training-dynamics report: which of the study's six stages each sampled response is in, step by step.
+"""The training-dynamics report: which of the study's six stages each sampled response is in,
+step by step.
 
     python dynamics.py RUN_DIR          # reads RUN_DIR/rollouts.jsonl (written by train_ppo.py)
 
-Med-RLVR (Section 4.2.1, Figure 2, Table 3) describes six stages that PPO moves through on MedQA. This file
-turns each into a rule on one response, so a run's rollouts can be read as the study reads its own:
-per step, the share of responses in each stage, the mean reward, accuracy, format rate and length. It
-writes RUN_DIR/dynamics.md (the table, then the latest example of each stage, like the study's Table 3),
-RUN_DIR/dynamics.json and, when matplotlib is installed,
-RUN_DIR/dynamics.png: a figure like the study's Figure 2 (accuracy and length over steps, with a coloured
-band behind each step in the colour of its most common stage).
+Med-RLVR (Section 4.2.1, Figure 2, Table 3) describes six stages that PPO moves through on MedQA.
+This file turns each into a rule on one response, so a run's rollouts can be read as the study
+reads its own: per step, the share of responses in each stage, the mean reward, accuracy, format
+rate and length. It writes RUN_DIR/dynamics.md (the table, then the latest example of each stage,
+like the study's Table 3), RUN_DIR/dynamics.json and, when matplotlib is installed,
+RUN_DIR/dynamics.png: a figure like the study's Figure 2 (accuracy and length over steps, with a
+coloured band behind each step in the colour of its most common stage).
 
-The rules. Every response is scored again with verifier.verify(PROMPT_PREFILL[style] + response, gold,
-options) with the run's own strict_format and reward values from RUN_DIR/config.json (the flags stored
-in rollouts.jsonl are not trusted: the verifier may have been fixed since).
-Text is split at the tags into the PREFIX (before <think>), the THINK block and the rest. The think block
-STATES the answer in its first sentence that names the chosen option (its letter as an answer, "answer is
-B" / "(B)", or the option's text) in the words of a conclusion ("answer", "correct", "therefore", "most
-appropriate", ...: a walk through the options does not count). Its "reasoning words" are the words before
-that sentence, or all its words if it never states the answer. The first rule that matches wins:
+The rules. Every response is scored again with verifier.verify(PROMPT_PREFILL[style] + response,
+gold, options) with the run's own strict_format and reward values from RUN_DIR/config.json (the
+flags stored in rollouts.jsonl are not trusted: the verifier may have been fixed since).
+Text is split at the tags into the PREFIX (before <think>), the THINK block and the rest. The think
+block STATES the answer in its first sentence that names the chosen option (its letter as an
+answer, "answer is B" / "(B)", or the option's text) in the words of a conclusion ("answer",
+"correct", "therefore", "most appropriate", ...: a walk through the options does not count). Its
+"reasoning words" are the words before that sentence, or all its words if it never states the
+answer. The first rule that matches wins:
 
  1. format failure        verify() says the format is broken (reward -1): no <think>...</think>
                           <answer>...</answer>, e.g. "The answer is B." (study: around step 0).
- 2. step-by-step exploit  the prefix holds >= PREFIX_REASONING_WORDS words of reasoning and the think block
-                          fewer than REASONING_WORDS reasoning words: the reasoning moved in front of the
-                          tags and <think> holds only the conclusion, e.g.
-                          "Step 1: the pain is in the right upper quadrant ... Step 4: so the gallbladder
-                          cannot empty. <think>Obstruction of the cystic duct</think><answer>E</answer>"
-                          (study: steps 64-72).
- 3. direct answer hacker  no such prefix, and the think block has fewer than REASONING_WORDS reasoning words:
-                          it states the answer at once (or holds nothing), e.g.
+ 2. step-by-step exploit  the prefix holds >= PREFIX_REASONING_WORDS words of reasoning and the
+                          think block fewer than REASONING_WORDS reasoning words: the reasoning
+                          moved in front of the tags and <think> holds only the conclusion, e.g.
+                          "Step 1: the pain is in the right upper quadrant ... Step 4: so the
+                          gallbladder cannot empty. <think>Obstruction of the cystic duct</think>
+                          <answer>E</answer>" (study: steps 64-72).
+ 3. direct answer hacker  no such prefix, and the think block has fewer than REASONING_WORDS
+                          reasoning words: it states the answer at once (or holds nothing), e.g.
                           "<think>The most appropriate treatment is Ketotifen eye drops.</think>
                           <answer>B</answer>" (study: steps 12-24).
- 4. verbose formatter     not a hack, but the whole response is longer than VERBOSE_CHARS characters, e.g.
-                          a 2,000-character think block that restates every option (study: step 4, the
-                          length peak at about 2,930 characters).
- 5. reintegrated reasoning  real reasoning inside <think> (>= REASONING_WORDS words) that then names the
-                          answer at its end: "... the itching, tearing and seasonal pattern point to
-                          allergic conjunctivitis, so a mast-cell stabiliser fits: ketotifen eye drops."
-                          (study: from step 100).
- 6. concise structurer    real reasoning inside <think>, under VERBOSE_CHARS, that leaves the choice to the
-                          <answer> tag without naming it in the think block (study: step 8).
+ 4. verbose formatter     not a hack, but the whole response is longer than VERBOSE_CHARS
+                          characters, e.g. a 2,000-character think block that restates every
+                          option (study: step 4, the length peak at about 2,930 characters).
+ 5. reintegrated reasoning  real reasoning inside <think> (>= REASONING_WORDS words) that then
+                          names the answer at its end: "... the itching, tearing and seasonal
+                          pattern point to allergic conjunctivitis, so a mast-cell stabiliser
+                          fits: ketotifen eye drops." (study: from step 100).
+ 6. concise structurer    real reasoning inside <think>, under VERBOSE_CHARS, that leaves the
+                          choice to the <answer> tag without naming it in the think block
+                          (study: step 8).
 
-So 2 and 3 differ in where the reasoning is (before the tags or nowhere), 3 and 5 in how much reasoning
-comes before the answer is named, 5 and 6 in whether the think block names the answer at all, and 4
-catches every long response that is not a hack. `template_copy` (the response copies the template's own
-words, "reasoning process here") is counted as a separate flag column, not a stage.
+So 2 and 3 differ in where the reasoning is (before the tags or nowhere), 3 and 5 in how much
+reasoning comes before the answer is named, 5 and 6 in whether the think block names the answer at
+all, and 4 catches every long response that is not a hack. `template_copy` (the response copies
+the template's own words, "reasoning process here") is counted as a separate flag column, not a
+stage.
 """
 import argparse
 import json
@@ -70,17 +74,25 @@ STUDY_ORDER = [FORMAT_FAILURE, VERBOSE_FORMATTER, CONCISE_STRUCTURER, DIRECT_ANS
                STEP_BY_STEP_EXPLOIT, REINTEGRATED_REASONING]
 
 # Thresholds (see the module docstring). Words are whitespace-separated tokens.
-REASONING_WORDS = 25          # fewer reasoning words than this in <think> = no real reasoning there
-PREFIX_REASONING_WORDS = 25   # at least this many words before <think> = reasoning moved out of it
-VERBOSE_CHARS = 1500          # a response longer than this is verbose (study: peak ~2,930, trough ~310-380)
-MIN_OPTION_CHARS = 3          # option texts shorter than this ("No", "5") are too ambiguous to look for
-# Words that make a sentence naming an option a conclusion rather than a step of a walk through the options.
-CONCLUSION_CUES = re.compile(r"\b(?:answer|correct|therefore|thus|hence|so|most (?:likely|appropriate|probable)|"
-                             r"best|diagnosis is|treatment is|consistent with|indicates|choose|select)\b", re.IGNORECASE)
+# Fewer reasoning words than this in <think>: no real reasoning there.
+REASONING_WORDS = 25
+# At least this many words before <think>: the reasoning moved out of it.
+PREFIX_REASONING_WORDS = 25
+# A response longer than this is verbose: between the study's length peak (about 2,930
+# characters) and its trough (about 310-380).
+VERBOSE_CHARS = 1500
+# Option texts shorter than this ("No", "5") are too ambiguous to look for.
+MIN_OPTION_CHARS = 3
+# Words that make a sentence naming an option a conclusion rather than a step of a walk through
+# the options.
+CONCLUSION_CUES = re.compile(r"\b(?:answer|correct|therefore|thus|hence|so|"
+                             r"most (?:likely|appropriate|probable)|best|diagnosis is|treatment is|"
+                             r"consistent with|indicates|choose|select)\b", re.IGNORECASE)
 
 
 def split_response(response: str) -> tuple[str, str]:
-    """(prefix before the first <think>, text of the think block); empty strings where a tag is missing."""
+    """(prefix before the first <think>, text of the think block); empty strings where a tag is
+    missing."""
     start = response.find("<think>")
     if start < 0:
         return response, ""
@@ -90,44 +102,50 @@ def split_response(response: str) -> tuple[str, str]:
 
 
 def answer_position(think: str, pred: str | None, options: dict | None) -> int | None:
-    """Character index of the first sentence in the think block that STATES the chosen answer, or None.
+    """Character index of the first sentence in the think block that STATES the chosen answer, or
+    None.
 
-    A sentence states it when it names the answer (its letter used as an answer: "answer is B", "option B",
-    "(B)"; or the chosen option's text, case-insensitive) and also reads as a conclusion (CONCLUSION_CUES:
-    "answer", "correct", "therefore", "most appropriate", ...). The cue keeps an early walk through the
-    options ("B. Ketotifen: a mast-cell stabiliser") from counting as stating the answer."""
+    A sentence states it when it names the answer (its letter used as an answer: "answer is B",
+    "option B", "(B)"; or the chosen option's text, case-insensitive) and also reads as a
+    conclusion (CONCLUSION_CUES: "answer", "correct", "therefore", "most appropriate", ...). The
+    cue keeps an early walk through the options ("B. Ketotifen: a mast-cell stabiliser") from
+    counting as stating the answer."""
     if not pred:
         return None
     letter = re.escape(pred)
-    letter_as_answer = re.compile(rf"(?i:answer|option|choice)\s*(?:is|would be|:)?\s*\(?{letter}\b|\({letter}\)")
-    text = (options or {}).get(pred, "").strip().rstrip(".").lower()
-    for m in re.finditer(r"[^.!?\s][^.!?\n]*[.!?\n]*", think):  # sentences, leading space skipped
-        sentence = m.group(0)
-        named = letter_as_answer.search(sentence) or (len(text) >= MIN_OPTION_CHARS and text in sentence.lower())
+    letter_as_answer = re.compile(rf"(?i:answer|option|choice)\s*(?:is|would be|:)?\s*\(?{letter}\b"
+                                  rf"|\({letter}\)")
+    option_text = (options or {}).get(pred, "").strip().rstrip(".").lower()
+    # Sentences, the leading space skipped.
+    for sentence_match in re.finditer(r"[^.!?\s][^.!?\n]*[.!?\n]*", think):
+        sentence = sentence_match.group(0)
+        named = (letter_as_answer.search(sentence)
+                 or (len(option_text) >= MIN_OPTION_CHARS and option_text in sentence.lower()))
         if named and CONCLUSION_CUES.search(sentence):
-            return m.start()
+            return sentence_match.start()
     return None
 
 
-def words(text: str) -> int:
+def word_count(text: str) -> int:
     return len(text.split())
 
 
 def classify(verify_result: dict, response: str, options: dict | None = None) -> str:
-    """One response's stage (rules and thresholds in the module docstring). `response` is the text the
-    verifier saw (prefill included); `options` lets the think block name the answer by its text."""
+    """One response's stage (rules and thresholds in the module docstring). `response` is the text
+    the verifier saw (prefill included); `options` lets the think block name the answer by its
+    text."""
     if not verify_result["format_ok"]:
         return FORMAT_FAILURE
     prefix, think = split_response(response)
-    pos = answer_position(think, verify_result.get("pred"), options)
-    reasoning_words = words(think if pos is None else think[:pos])
-    if words(prefix) >= PREFIX_REASONING_WORDS and reasoning_words < REASONING_WORDS:
+    position = answer_position(think, verify_result.get("pred"), options)
+    reasoning_words = word_count(think if position is None else think[:position])
+    if word_count(prefix) >= PREFIX_REASONING_WORDS and reasoning_words < REASONING_WORDS:
         return STEP_BY_STEP_EXPLOIT
     if reasoning_words < REASONING_WORDS:
         return DIRECT_ANSWER_HACKER
     if len(response) > VERBOSE_CHARS:
         return VERBOSE_FORMATTER
-    if pos is not None:
+    if position is not None:
         return REINTEGRATED_REASONING
     return CONCISE_STRUCTURER
 
@@ -135,92 +153,100 @@ def classify(verify_result: dict, response: str, options: dict | None = None) ->
 def read_rollouts(path: Path) -> list[dict]:
     rows = []
     with open(path) as f:
-        for i, line in enumerate(f, 1):
+        for line_number, line in enumerate(f, 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not a JSON line ({e})") from None
+                    raise ValueError(f"{path}:{line_number}: not a JSON line ({e})") from None
     return rows
 
 
 def verify_options(run_dir: Path) -> dict:
-    """verify()'s keyword arguments as the run trained with them (RUN_DIR/config.json), so that a run with
-    strict_format or other reward values is judged by its own rules; the verifier's defaults otherwise."""
+    """verify()'s keyword arguments as the run trained with them (RUN_DIR/config.json), so that a
+    run with strict_format or other reward values is judged by its own rules; the verifier's
+    defaults otherwise."""
     path = run_dir / "config.json"
-    cfg = json.loads(path.read_text()) if path.is_file() else {}
-    names = {"strict": "strict_format", "format_reward": "format_reward", "wrong_reward": "wrong_reward",
-             "correct_reward": "correct_reward"}
-    return {arg: cfg[key] for arg, key in names.items() if key in cfg}
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    config_key_of = {"strict": "strict_format", "format_reward": "format_reward",
+                     "wrong_reward": "wrong_reward", "correct_reward": "correct_reward"}
+    return {arg: config[key] for arg, key in config_key_of.items() if key in config}
 
 
 def classify_rows(rows: list[dict], verify_kwargs: dict | None = None) -> list[dict]:
-    """Each rollout row, verified again and classified: {"step", "stage", "v" (verify's dict), "reward",
-    "chars", "tokens", "text"}."""
+    """Each rollout row, verified again and classified: {"step", "stage", "v" (verify's dict),
+    "reward", "chars", "tokens", "text"}."""
     out = []
     for row in rows:
         text = PROMPT_PREFILL.get(row.get("prompt_style", ""), "") + row["response"]
-        v = verify(text, row["gold"], row.get("options"), **(verify_kwargs or {}))
-        out.append({"step": int(row["step"]), "stage": classify(v, text, row.get("options")), "v": v,
-                    "reward": row.get("reward", v["reward"]), "chars": len(row["response"]),
-                    "tokens": row.get("response_tokens"), "text": text})
+        result = verify(text, row["gold"], row.get("options"), **(verify_kwargs or {}))
+        out.append({"step": int(row["step"]), "stage": classify(result, text, row.get("options")),
+                    "v": result, "reward": row.get("reward", result["reward"]),
+                    "chars": len(row["response"]), "tokens": row.get("response_tokens"),
+                    "text": text})
     return out
 
 
 def examples(classified: list[dict], max_chars: int = 600) -> dict:
-    """stage -> the latest step's first response in that stage (cut to max_chars), like the study's Table 3."""
+    """stage -> the latest step's first response in that stage (cut to max_chars), like the study's
+    Table 3."""
     latest = {}
-    for c in classified:
-        if c["stage"] not in latest or c["step"] > latest[c["stage"]]["step"]:
-            latest[c["stage"]] = {"step": c["step"], "response": c["text"][:max_chars]}
-    return {s: latest[s] for s in STAGES if s in latest}
+    for item in classified:
+        if item["stage"] not in latest or item["step"] > latest[item["stage"]]["step"]:
+            latest[item["stage"]] = {"step": item["step"], "response": item["text"][:max_chars]}
+    return {stage: latest[stage] for stage in STAGES if stage in latest}
 
 
 def step_report(classified: list[dict]) -> list[dict]:
-    """One dict per training step: n, share of each stage, template-copy share, mean reward (as stored: the
-    reward the policy was trained on), accuracy, format rate, mean response length in characters and
-    tokens, and the dominant stage."""
+    """One dict per training step: n, share of each stage, template-copy share, mean reward (as
+    stored: the reward the policy was trained on), accuracy, format rate, mean response length in
+    characters and tokens, and the dominant stage."""
     by_step: dict[int, list[dict]] = {}
-    for c in classified:
-        by_step.setdefault(c["step"], []).append(c)
+    for item in classified:
+        by_step.setdefault(item["step"], []).append(item)
     report = []
     for step in sorted(by_step):
         items = by_step[step]
         n = len(items)
-        counts = Counter(it["stage"] for it in items)
-        tokens = [it["tokens"] for it in items if it["tokens"] is not None]
+        counts = Counter(item["stage"] for item in items)
+        tokens = [item["tokens"] for item in items if item["tokens"] is not None]
         report.append({
             "step": step, "n": n,
-            "shares": {s: counts[s] / n for s in STAGES},
-            "dominant": max(STAGES, key=lambda s: counts[s]),  # ties: the earlier rule
-            "template_copy": sum(bool(it["v"]["template_copy"]) for it in items) / n,
-            "mean_reward": sum(it["reward"] for it in items) / n,
-            "accuracy": sum(bool(it["v"]["correct"]) for it in items) / n,
-            "format_rate": sum(bool(it["v"]["format_ok"]) for it in items) / n,
-            "mean_chars": sum(it["chars"] for it in items) / n,
+            "shares": {stage: counts[stage] / n for stage in STAGES},
+            "dominant": max(STAGES, key=lambda stage: counts[stage]),  # ties: the earlier rule
+            "template_copy": sum(bool(item["v"]["template_copy"]) for item in items) / n,
+            "mean_reward": sum(item["reward"] for item in items) / n,
+            "accuracy": sum(bool(item["v"]["correct"]) for item in items) / n,
+            "format_rate": sum(bool(item["v"]["format_ok"]) for item in items) / n,
+            "mean_chars": sum(item["chars"] for item in items) / n,
             "mean_tokens": sum(tokens) / len(tokens) if tokens else None,
         })
     return report
 
 
 def markdown_table(report: list[dict]) -> str:
-    short = {FORMAT_FAILURE: "fmt fail", STEP_BY_STEP_EXPLOIT: "step exploit", DIRECT_ANSWER_HACKER: "hacker",
-             VERBOSE_FORMATTER: "verbose", REINTEGRATED_REASONING: "reintegrated", CONCISE_STRUCTURER: "concise"}
-    head = ["step", "n", *[short[s] + " %" for s in STAGES], "tmpl copy %", "reward", "acc %", "format %",
-            "chars", "tokens", "dominant"]
+    short = {FORMAT_FAILURE: "fmt fail", STEP_BY_STEP_EXPLOIT: "step exploit",
+             DIRECT_ANSWER_HACKER: "hacker", VERBOSE_FORMATTER: "verbose",
+             REINTEGRATED_REASONING: "reintegrated", CONCISE_STRUCTURER: "concise"}
+    head = ["step", "n", *[short[stage] + " %" for stage in STAGES], "tmpl copy %", "reward",
+            "acc %", "format %", "chars", "tokens", "dominant"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for r in report:
-        cells = [str(r["step"]), str(r["n"]), *[f"{100 * r['shares'][s]:.1f}" for s in STAGES],
-                 f"{100 * r['template_copy']:.1f}", f"{r['mean_reward']:+.3f}", f"{100 * r['accuracy']:.1f}",
-                 f"{100 * r['format_rate']:.1f}", f"{r['mean_chars']:.0f}",
-                 "-" if r["mean_tokens"] is None else f"{r['mean_tokens']:.0f}", short[r["dominant"]]]
+    for row in report:
+        cells = [str(row["step"]), str(row["n"]),
+                 *[f"{100 * row['shares'][stage]:.1f}" for stage in STAGES],
+                 f"{100 * row['template_copy']:.1f}", f"{row['mean_reward']:+.3f}",
+                 f"{100 * row['accuracy']:.1f}", f"{100 * row['format_rate']:.1f}",
+                 f"{row['mean_chars']:.0f}",
+                 "-" if row["mean_tokens"] is None else f"{row['mean_tokens']:.0f}",
+                 short[row["dominant"]]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot(report: list[dict], path: Path) -> bool:
-    """Figure 2 of the study: accuracy (top) and mean length (bottom) over steps, each step's band coloured
-    by its dominant stage. Returns False (and draws nothing) when matplotlib is not installed."""
+    """Figure 2 of the study: accuracy (top) and mean length (bottom) over steps, each step's band
+    coloured by its dominant stage. Returns False (and draws nothing) when matplotlib is not
+    installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -228,23 +254,28 @@ def plot(report: list[dict], path: Path) -> bool:
         from matplotlib.patches import Patch
     except ImportError:
         return False
-    colors = dict(zip(STUDY_ORDER, ["#d9d9d9", "#fdd0a2", "#c7e9c0", "#fcbba1", "#dadaeb", "#c6dbef"]))
-    steps = [r["step"] for r in report]
+    colors = dict(zip(STUDY_ORDER,
+                      ["#d9d9d9", "#fdd0a2", "#c7e9c0", "#fcbba1", "#dadaeb", "#c6dbef"]))
+    steps = [row["step"] for row in report]
     # Each step's band reaches halfway to its neighbours.
-    edges = [steps[0] - 0.5] + [(a + b) / 2 for a, b in zip(steps, steps[1:])] + [steps[-1] + 0.5]
+    edges = ([steps[0] - 0.5] + [(left + right) / 2 for left, right in zip(steps, steps[1:])]
+             + [steps[-1] + 0.5])
     fig, (ax_acc, ax_len) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     for ax in (ax_acc, ax_len):
-        for r, lo, hi in zip(report, edges, edges[1:]):
-            ax.axvspan(lo, hi, color=colors[r["dominant"]], lw=0)
-    ax_acc.plot(steps, [100 * r["accuracy"] for r in report], "o-", color="black", ms=3, label="accuracy")
-    ax_acc.plot(steps, [100 * r["format_rate"] for r in report], "--", color="gray", label="format rate")
+        for row, lo, hi in zip(report, edges, edges[1:]):
+            ax.axvspan(lo, hi, color=colors[row["dominant"]], lw=0)
+    ax_acc.plot(steps, [100 * row["accuracy"] for row in report], "o-", color="black", ms=3,
+                label="accuracy")
+    ax_acc.plot(steps, [100 * row["format_rate"] for row in report], "--", color="gray",
+                label="format rate")
     ax_acc.set_ylabel("% of sampled responses")
     ax_acc.legend(loc="lower right", fontsize=8)
-    ax_len.plot(steps, [r["mean_chars"] for r in report], "o-", color="tab:blue", ms=3)
+    ax_len.plot(steps, [row["mean_chars"] for row in report], "o-", color="tab:blue", ms=3)
     ax_len.set_ylabel("mean response length (chars)")
     ax_len.set_xlabel("training step")
-    present = [s for s in STUDY_ORDER if any(r["dominant"] == s for r in report)]
-    fig.legend([Patch(color=colors[s]) for s in present], [s.replace("_", " ") for s in present],
+    present = [stage for stage in STUDY_ORDER if any(row["dominant"] == stage for row in report)]
+    fig.legend([Patch(color=colors[stage]) for stage in present],
+               [stage.replace("_", " ") for stage in present],
                loc="upper center", ncol=min(len(present), 3), fontsize=8, title="dominant stage")
     fig.tight_layout(rect=(0, 0, 1, 0.88))
     fig.savefig(path, dpi=120)
@@ -253,23 +284,32 @@ def plot(report: list[dict], path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("run_dir", type=Path, help="a train_ppo.py output folder holding rollouts.jsonl")
-    args = p.parse_args(argv)
+    # The docstring's first paragraph, as one line.
+    description = " ".join(__doc__.split("\n\n")[0].split())
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("run_dir", type=Path,
+                        help="a train_ppo.py output folder holding rollouts.jsonl")
+    args = parser.parse_args(argv)
     rows = read_rollouts(args.run_dir / "rollouts.jsonl")
     if not rows:
         sys.exit(f"{args.run_dir / 'rollouts.jsonl'} holds no rollouts")
     classified = classify_rows(rows, verify_options(args.run_dir))
-    report, shown = step_report(classified), examples(classified)
+    report = step_report(classified)
+    shown = examples(classified)
     table = markdown_table(report)
-    example_md = "".join(f"\n**{s.replace('_', ' ')}** (step {e['step']}):\n\n```\n{e['response']}\n```\n"
-                         for s, e in shown.items())
-    (args.run_dir / "dynamics.md").write_text(f"{table}\n### The latest example of each stage\n{example_md}")
+    example_md = "".join(f"\n**{stage.replace('_', ' ')}** (step {example['step']}):\n\n"
+                         f"```\n{example['response']}\n```\n"
+                         for stage, example in shown.items())
+    (args.run_dir / "dynamics.md").write_text(
+        f"{table}\n### The latest example of each stage\n{example_md}")
+    thresholds = {"REASONING_WORDS": REASONING_WORDS,
+                  "PREFIX_REASONING_WORDS": PREFIX_REASONING_WORDS,
+                  "VERBOSE_CHARS": VERBOSE_CHARS}
     (args.run_dir / "dynamics.json").write_text(json.dumps(
-        {"thresholds": {"REASONING_WORDS": REASONING_WORDS, "PREFIX_REASONING_WORDS": PREFIX_REASONING_WORDS,
-                        "VERBOSE_CHARS": VERBOSE_CHARS}, "steps": report, "examples": shown}, indent=1))
+        {"thresholds": thresholds, "steps": report, "examples": shown}, indent=1))
     print(table)
-    print(f"wrote {args.run_dir / 'dynamics.md'} and dynamics.json ({len(rows)} responses, {len(report)} steps)")
+    print(f"wrote {args.run_dir / 'dynamics.md'} and dynamics.json "
+          f"({len(rows)} responses, {len(report)} steps)")
     if plot(report, args.run_dir / "dynamics.png"):
         print(f"wrote {args.run_dir / 'dynamics.png'}")
     else:

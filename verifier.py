@@ -6,39 +6,43 @@
              +1.0  the format holds and the letter is gold       (correct_reward)
 
 `response` is everything after the prompt; where the prompt ends in a prefilled "<think>", the
-caller prepends it (verify(PROMPT_PREFILL[style] + generated_text, ...)). Decode the response without
-special tokens (EOS, pad): anything left after </answer> breaks the format.
+caller prepends it (verify(PROMPT_PREFILL[style] + generated_text, ...)). Decode the response
+without special tokens (EOS, pad): anything left after </answer> breaks the format.
 
-FORMAT (tags are case-sensitive, exactly as the prompt shows them; `<Think>` or `< think>` is not a tag):
-  1. each of <think>, </think>, <answer>, </answer> appears exactly once (so nesting and repeats fail);
+FORMAT (tags are case-sensitive, exactly as the prompt shows them; `<Think>` or `< think>` is not
+a tag):
+  1. each of <think>, </think>, <answer>, </answer> appears exactly once (so nesting and repeats
+     fail);
   2. in that order;
   3. only whitespace between </think> and <answer>;
   4. only whitespace after </answer>;
-  5. text before <think> is allowed, as the study's validator allowed it (the "step-by-step exploit");
-     strict=True refuses it (a whitespace-only prefix is still fine).
+  5. text before <think> is allowed, as the study's validator allowed it (the "step-by-step
+     exploit"); strict=True refuses it (a whitespace-only prefix is still fine).
   An empty think or answer part is not a format failure (an empty answer simply names no letter).
 
-THE LETTER inside <answer> (extract_letter; the same rules serve direct-answer prompts). Markdown `*`
-is dropped first. Then, first rule that applies:
+THE LETTER inside <answer> (extract_letter; the same rules serve direct-answer prompts). Markdown
+`*` is dropped first. Then, first rule that applies:
   1. Bare letter: the answer is one letter, alone or wrapped: B, B., B), (B), [B], {B}; lower case
      too (b, (b)): nothing else is there for it to mean.
   2. Option text: with `options` given, the answer equals exactly one option's text (compared after
      collapsing whitespace, ignoring case and a trailing period).
-  3. Letters only: the answer is nothing but capital letters, punctuation and "or"/"and": one distinct
-     letter names it ("A A"); two or more ("ABCD", "B or C", "A, B") is a hedge: no letter.
+  3. Letters only: the answer is nothing but capital letters, punctuation and "or"/"and": one
+     distinct letter names it ("A A"); two or more ("ABCD", "B or C", "A, B") is a hedge: no
+     letter.
   4. Letter tokens in prose. A token is a capital letter with no letter or digit on either side
      ("B12", "DNA", "T-cell" are not tokens). Strong tokens:
-       - the answer starts with a label: "B. text", "B) text", "B: text", "(B) text" (lower case too);
-         or a line starts with an upper-case label (an option list), or holds the letter alone
+       - the answer starts with a label: "B. text", "B) text", "B: text", "(B) text" (lower case
+         too); or a line starts with an upper-case label (an option list), or holds the letter
+         alone
          ("C\n\nExplanation: ...");
        - wrapped: "(B)", "[B]", "{B}" (so "\\boxed{B}" works);
        - after a keyword: "option B", "choice B", "answer is B", "Answer: B", "answer would be B";
        - linked to another token: "B or C", "B and C", "B, C", "B/C" (both letters count).
-     Weak tokens (used only when there is no strong one): a token followed by the end of the answer,
-     by punctuation (. ) : ; , ] }) that is not followed by a letter or digit ("I.V." is no token), or
-     by " is" ("B is correct").
-     The answer's letter is the one distinct letter among the strong tokens (else among the weak ones);
-     two or more distinct letters: no letter.
+     Weak tokens (used only when there is no strong one): a token followed by the end of the
+     answer, by punctuation (. ) : ; , ] }) that is not followed by a letter or digit ("I.V." is
+     no token), or by " is" ("B is correct").
+     The answer's letter is the one distinct letter among the strong tokens (else among the weak
+     ones); two or more distinct letters: no letter.
   A capital followed by a space and a word is NOT a token: this is the article trap ("A 45-year-old
   man ...", "I think ...", "Group A strep"). Lower-case letters count only in rules 1 and 2 and in a
   label at the very start ("b. ketotifen"); in prose ("the answer is b", "a patient") they do not.
@@ -49,31 +53,42 @@ is dropped first. Then, first rule that applies:
   window of at most 64 characters around a letter) stay linear and cheap.
 
 FLAGS (for logging; the reward never uses them):
-  answer_in_think          the "direct answer hacker": the predicted option's letter (as a token, rule 4,
-                           strong or weak) or its text (>= 3 characters, case-insensitive) is already
-                           stated inside <think>. Only when the format holds and a letter was read.
-  reasoning_outside_think  the "step-by-step exploit": at least 20 non-whitespace characters before the
-                           first <think>.
+  answer_in_think          the "direct answer hacker": the predicted option's letter (as a token,
+                           rule 4, strong or weak) or its text (>= 3 characters, case-insensitive)
+                           is already stated inside <think>. Only when the format holds and a
+                           letter was read.
+  reasoning_outside_think  the "step-by-step exploit": at least 20 non-whitespace characters before
+                           the first <think>.
   template_copy            the response repeats the prompt's placeholders: "reasoning process here"
-                           anywhere, or an answer part that is just "answer here" (case-insensitive).
-  think_chars, answer_chars, prefix_chars: raw lengths of the parts; 0 unless the four tags appear once
-  each and in order. reason: "" when the format holds, else a short description of the first problem.
+                           anywhere, or an answer part that is just "answer here"
+                           (case-insensitive).
+  think_chars, answer_chars, prefix_chars: raw lengths of the parts; 0 unless the four tags appear
+  once each and in order. reason: "" when the format holds, else a short description of the first
+  problem.
 """
 import re
 
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
-DEFAULT_LETTERS = "ABCDEFGHIJ"  # up to 10 options (MMLU-Pro) when the caller gives no options
-MAX_SCAN = 4000                 # longer texts are read from their first and last MAX_SCAN // 2 chars
-MIN_PREFIX_REASONING = 20       # non-whitespace characters before <think> that count as reasoning there
-MIN_OPTION_TEXT = 3             # shorter option texts are not searched for inside <think>
+# Up to 10 options (MMLU-Pro) when the caller gives no options.
+DEFAULT_LETTERS = "ABCDEFGHIJ"
+# Longer texts are read from their first and last MAX_SCAN // 2 characters.
+MAX_SCAN = 4000
+# Non-whitespace characters before <think> that count as reasoning there.
+MIN_PREFIX_REASONING = 20
+# Shorter option texts are not searched for inside <think>.
+MIN_OPTION_TEXT = 3
 
-_BARE = re.compile(r"[(\[{]?\s*([A-Za-z])\s*[)\]}]?\s*[.:)]?")  # fullmatch: "B", "(b)", "B.", "[B]."
-_LETTER_WORDS = re.compile(r"[A-Z]+")                            # fullmatch on one word of rule 3
+# Used with fullmatch: "B", "(b)", "B.", "[B].".
+_BARE = re.compile(r"[(\[{]?\s*([A-Za-z])\s*[)\]}]?\s*[.:)]?")
+_LETTER_WORDS = re.compile(r"[A-Z]+")  # fullmatch on one word of rule 3
 _SPLIT = re.compile(r"[\s.,;:/&()\[\]{}-]+")
-_START_LABEL = re.compile(r"(?:[(\[]([A-Za-z])[)\]]|([A-Za-z])[.):])[.:)]*(?=\s|$)")  # match at 0
+# Used with match (anchored at the start of the answer).
+_START_LABEL = re.compile(r"(?:[(\[]([A-Za-z])[)\]]|([A-Za-z])[.):])[.:)]*(?=\s|$)")
 _TOKEN = re.compile(r"(?<![A-Za-z0-9])[A-Z](?![A-Za-z0-9])")
-_KEYWORD = re.compile(r"(?:option|choice|answer|letter)s?\s*(?:is|would be|will be|=|:|-)?\s*[(\[{]?$")
-_LINK_AFTER = re.compile(r"[.)\]]?\s*(?:or|and|,|/|&)\s*[(\[]?[A-Z](?![A-Za-z0-9])")  # match at 0
+_KEYWORD = re.compile(r"(?:option|choice|answer|letter)s?\s*(?:is|would be|will be|=|:|-)?"
+                      r"\s*[(\[{]?$")
+# Used with match (anchored just after the letter).
+_LINK_AFTER = re.compile(r"[.)\]]?\s*(?:or|and|,|/|&)\s*[(\[]?[A-Z](?![A-Za-z0-9])")
 _LINK_BEFORE = re.compile(r"(?<![A-Za-z0-9])[A-Z][.)\]]?\s*(?:or|and|,|/|&)\s*[(\[]?$")
 _IS_AFTER = re.compile(r"\s+is\b")  # match at 0
 _LINE_END = re.compile(r"[ \t.):\]}]*(?:\n|\Z)")  # match at 0, on <= 64 characters
@@ -94,23 +109,27 @@ def _norm(text: str) -> str:
 
 
 def _letter_tokens(text: str) -> tuple[set, set]:
-    """(strong, weak) sets of capital letters standing as tokens in `text` (rule 4 of the docstring)."""
+    """(strong, weak) sets of capital letters standing as tokens in `text` (rule 4 of the module
+    docstring)."""
     strong, weak = set(), set()
-    m = _START_LABEL.match(text)
-    if m:
-        strong.add((m.group(1) or m.group(2)).upper())
-    for tok in _TOKEN.finditer(text):
-        i, letter = tok.start(), tok.group()
-        before, after = text[max(0, i - 24):i], text[i + 1:i + 16]
+    label = _START_LABEL.match(text)
+    if label:
+        strong.add((label.group(1) or label.group(2)).upper())
+    for token in _TOKEN.finditer(text):
+        pos, letter = token.start(), token.group()
+        before, after = text[max(0, pos - 24):pos], text[pos + 1:pos + 16]
         punct_ok = after[:1] in ".):;,]}" and not after[1:2].isalnum()
-        rest = text[i + 1:i + 65]  # is the letter alone on its line ("C\n\nExplanation: ...")?
-        alone = _LINE_END.match(rest) and ("\n" in rest or i + 65 >= len(text))
-        seg = text[max(0, i - 64):i]  # does only whitespace or a bracket precede it on its line?
-        at_line_start = not seg.rsplit("\n", 1)[-1].strip(" \t([{") and ("\n" in seg or i <= 64)
-        if (at_line_start and (alone or (after[:1] in ".):" and not after[1:2].strip()))) \
-                or (before[-1:] in "([{" and after[:1] in ")]}") \
-                or _KEYWORD.search(before.lower()) \
-                or _LINK_AFTER.match(after) or _LINK_BEFORE.search(before):
+        # Is the letter alone on its line ("C\n\nExplanation: ...")?
+        ahead = text[pos + 1:pos + 65]
+        alone = _LINE_END.match(ahead) and ("\n" in ahead or pos + 65 >= len(text))
+        # Does only whitespace or a bracket precede it on its line?
+        behind = text[max(0, pos - 64):pos]
+        at_line_start = (not behind.rsplit("\n", 1)[-1].strip(" \t([{")
+                         and ("\n" in behind or pos <= 64))
+        if ((at_line_start and (alone or (after[:1] in ".):" and not after[1:2].strip())))
+                or (before[-1:] in "([{" and after[:1] in ")]}")
+                or _KEYWORD.search(before.lower())
+                or _LINK_AFTER.match(after) or _LINK_BEFORE.search(before)):
             strong.add(letter)
         elif not after or punct_ok or _IS_AFTER.match(after):
             weak.add(letter)
@@ -120,59 +139,60 @@ def _letter_tokens(text: str) -> tuple[set, set]:
 def extract_letter(text, options=None, letters=None):
     """The option letter a free-text answer names, or None (see the module docstring, rules 1-4).
 
-    options: {"A": text, ...} (enables rule 2 and limits the letters to its keys); letters: the allowed
-    letters as a string, e.g. "ABCD" (default: the keys of options, else A-J).
+    options: {"A": text, ...} (enables rule 2 and limits the letters to its keys); letters: the
+    allowed letters as a string, e.g. "ABCD" (default: the keys of options, else A-J).
     """
     if not isinstance(text, str):
         return None
     if letters is not None:
         allowed = set(str(letters).upper())
     elif isinstance(options, dict) and options:
-        allowed = {str(k).strip().upper() for k in options}
+        allowed = {str(letter).strip().upper() for letter in options}
     else:
         allowed = set(DEFAULT_LETTERS)
-    t = _window(text).replace("*", "").strip()
-    if not t:
+    answer = _window(text).replace("*", "").strip()
+    if not answer:
         return None
     pred = None
-    bare = _BARE.fullmatch(t)
-    if bare:                                                        # rule 1
+    bare = _BARE.fullmatch(answer)
+    if bare:  # rule 1
         pred = bare.group(1).upper()
     else:
         matches = []
-        if isinstance(options, dict):                               # rule 2
-            key = _norm(t)
-            matches = [str(k).strip().upper() for k, v in options.items() if _norm(v) == key]
-        words = [w for w in _SPLIT.split(t) if w and w not in ("or", "and")]
+        if isinstance(options, dict):  # rule 2
+            answer_key = _norm(answer)
+            matches = [str(letter).strip().upper() for letter, option_text in options.items()
+                       if _norm(option_text) == answer_key]
+        words = [word for word in _SPLIT.split(answer) if word and word not in ("or", "and")]
         if len(matches) == 1:
             pred = matches[0]
-        elif words and all(_LETTER_WORDS.fullmatch(w) for w in words):  # rule 3
+        elif words and all(_LETTER_WORDS.fullmatch(word) for word in words):  # rule 3
             found = set("".join(words))
             pred = found.pop() if len(found) == 1 else None
-        else:                                                       # rule 4
-            strong, weak = _letter_tokens(t)
+        else:  # rule 4
+            strong, weak = _letter_tokens(answer)
             found = strong or weak
             pred = found.pop() if len(found) == 1 else None
     return pred if pred in allowed else None
 
 
 def _format(response: str, strict: bool):
-    """(reason, parts): reason is "" when the format holds; parts = (prefix, think, answer) once the four
-    tags appear exactly once each and in order, else None."""
+    """(reason, parts): reason is "" when the format holds; parts = (prefix, think, answer) once
+    the four tags appear exactly once each and in order, else None."""
     for tag in TAGS:
-        n = response.count(tag)
-        if n != 1:
-            return ("missing " + tag if n == 0 else f"{n} {tag} tags"), None
-    i0, i1, i2, i3 = (response.find(tag) for tag in TAGS)
-    if not i0 < i1 < i2 < i3:
+        count = response.count(tag)
+        if count != 1:
+            return ("missing " + tag if count == 0 else f"{count} {tag} tags"), None
+    think_open, think_close, answer_open, answer_close = (response.find(tag) for tag in TAGS)
+    if not think_open < think_close < answer_open < answer_close:
         return "tags out of order", None
-    prefix = response[:i0]
-    think = response[i0 + len("<think>"):i1]
-    answer = response[i2 + len("<answer>"):i3]
+    prefix = response[:think_open]
+    think = response[think_open + len("<think>"):think_close]
+    answer = response[answer_open + len("<answer>"):answer_close]
     parts = (prefix, think, answer)
-    if response[i1 + len("</think>"):i2].strip():
+    if response[think_close + len("</think>"):answer_open].strip():
         return "text between </think> and <answer>", parts
-    if response[i3 + len("</answer>"):].strip():
+    if response[answer_close + len("</answer>"):].strip():
         return "text after </answer>", parts
     if strict and prefix.strip():
         return "text before <think> (strict)", parts
@@ -185,15 +205,15 @@ def _states_answer(think: str, pred: str, options) -> bool:
     if pred in strong or pred in weak:
         return True
     if isinstance(options, dict) and pred in options:
-        opt = _norm(options[pred])
-        return len(opt) >= MIN_OPTION_TEXT and opt in _norm(_window(think))
+        option_text = _norm(options[pred])
+        return len(option_text) >= MIN_OPTION_TEXT and option_text in _norm(_window(think))
     return False
 
 
 def verify(response, gold, options=None, strict=False,
            format_reward=-1.0, wrong_reward=0.0, correct_reward=1.0) -> dict:
-    """The reward and its parts for one response (see the module docstring). Never raises on a string;
-    a non-string response gets format_reward."""
+    """The reward and its parts for one response (see the module docstring). Never raises on a
+    string; a non-string response gets format_reward."""
     out = {"reward": float(format_reward), "format_ok": False, "pred": None, "correct": False,
            "answer_in_think": False, "reasoning_outside_think": False, "template_copy": False,
            "think_chars": 0, "answer_chars": 0, "prefix_chars": 0, "reason": ""}
@@ -201,9 +221,10 @@ def verify(response, gold, options=None, strict=False,
         out["reason"] = "response is not a string"
         return out
     out["template_copy"] = bool(_TEMPLATE.search(response.casefold()))
-    first = response.find("<think>")
-    if first > 0:  # the step-by-step exploit: reasoning written before <think>
-        out["reasoning_outside_think"] = len("".join(response[:first].split())) >= MIN_PREFIX_REASONING
+    think_start = response.find("<think>")
+    if think_start > 0:  # the step-by-step exploit: reasoning written before <think>
+        reasoning_chars = len("".join(response[:think_start].split()))
+        out["reasoning_outside_think"] = reasoning_chars >= MIN_PREFIX_REASONING
     reason, parts = _format(response, strict)
     out["reason"] = reason
     if parts is not None:
@@ -222,4 +243,5 @@ def verify(response, gold, options=None, strict=False,
 def compute_score(response, gold, options=None, strict=False,
                   format_reward=-1.0, wrong_reward=0.0, correct_reward=1.0) -> float:
     """The Med-RLVR reward alone: format_reward (-1), wrong_reward (0) or correct_reward (+1)."""
-    return verify(response, gold, options, strict, format_reward, wrong_reward, correct_reward)["reward"]
+    result = verify(response, gold, options, strict, format_reward, wrong_reward, correct_reward)
+    return result["reward"]

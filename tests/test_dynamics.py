@@ -1,24 +1,36 @@
-"""dynamics.py: each stage rule on hand-written responses (the study's examples), and the per-step report."""
+"""dynamics.py: each stage rule on hand-written responses (the study's examples), and the
+per-step report."""
 import json
 
 import pytest
 
 import dynamics
-from dynamics import (CONCISE_STRUCTURER, DIRECT_ANSWER_HACKER, FORMAT_FAILURE, REINTEGRATED_REASONING,
-                      STAGES, STEP_BY_STEP_EXPLOIT, VERBOSE_FORMATTER, classify)
+from dynamics import (
+    CONCISE_STRUCTURER,
+    DIRECT_ANSWER_HACKER,
+    FORMAT_FAILURE,
+    REINTEGRATED_REASONING,
+    STAGES,
+    STEP_BY_STEP_EXPLOIT,
+    VERBOSE_FORMATTER,
+    classify,
+)
 from verifier import verify
 
-# The study's Table 3 cases, reconstructed: an allergic-conjunctivitis question (gold B, Ketotifen) and a
-# gallbladder question (gold E, cystic duct).
-EYE = {"A": "Artificial tears", "B": "Ketotifen eye drops", "C": "Oral prednisone", "D": "Topical erythromycin"}
-GALL = {"A": "Acute pancreatitis", "B": "Peptic ulcer", "C": "Hepatitis A", "D": "Choledocholithiasis",
-        "E": "Obstruction of the cystic duct"}
-EYE_REASONING = ("The patient has itchy, watery eyes every spring, with conjunctival injection and no discharge "
-                 "or pain. This seasonal pattern with itching points to allergic conjunctivitis, an IgE "
-                 "mediated reaction with mast cell degranulation in the conjunctiva.")
-GALL_STEPS = ("Step 1: the patient has colicky right upper quadrant pain after fatty meals. Step 2: the pain "
-              "lasts a few hours and resolves. Step 3: there is no fever or jaundice, so there is no "
-              "cholangitis. Step 4: the gallbladder contracts against a blocked outlet. ")
+# The study's Table 3 cases, reconstructed: an allergic-conjunctivitis question (gold B, Ketotifen)
+# and a gallbladder question (gold E, cystic duct).
+EYE = {"A": "Artificial tears", "B": "Ketotifen eye drops", "C": "Oral prednisone",
+       "D": "Topical erythromycin"}
+GALL = {"A": "Acute pancreatitis", "B": "Peptic ulcer", "C": "Hepatitis A",
+        "D": "Choledocholithiasis", "E": "Obstruction of the cystic duct"}
+EYE_REASONING = ("The patient has itchy, watery eyes every spring, with conjunctival injection and "
+                 "no discharge or pain. This seasonal pattern with itching points to allergic "
+                 "conjunctivitis, an IgE mediated reaction with mast cell degranulation in the "
+                 "conjunctiva.")
+GALL_STEPS = ("Step 1: the patient has colicky right upper quadrant pain after fatty meals. "
+              "Step 2: the pain lasts a few hours and resolves. Step 3: there is no fever or "
+              "jaundice, so there is no cholangitis. Step 4: the gallbladder contracts against a "
+              "blocked outlet. ")
 
 
 def has_matplotlib():
@@ -39,52 +51,61 @@ def test_format_failure_short_untagged_answer():
 
 
 def test_step_by_step_exploit_reasoning_before_think():
-    r = GALL_STEPS + "<think>Obstruction of the cystic duct</think><answer>E</answer>"
-    assert stage(r, "E", GALL) == STEP_BY_STEP_EXPLOIT
+    response = GALL_STEPS + "<think>Obstruction of the cystic duct</think><answer>E</answer>"
+    assert stage(response, "E", GALL) == STEP_BY_STEP_EXPLOIT
     # The same think block without the reasoning in front is a direct answer hack.
-    assert stage("<think>Obstruction of the cystic duct</think><answer>E</answer>", "E", GALL) == DIRECT_ANSWER_HACKER
+    assert (stage("<think>Obstruction of the cystic duct</think><answer>E</answer>", "E", GALL)
+            == DIRECT_ANSWER_HACKER)
 
 
 def test_direct_answer_hacker_states_answer_in_short_think():
-    r = "<think>The most appropriate treatment for this patient is Ketotifen eye drops.</think><answer>B</answer>"
-    assert stage(r, "B", EYE) == DIRECT_ANSWER_HACKER
-    # Stating the answer first and justifying it afterwards is the same hack: no reasoning before the answer.
-    r = f"<think>The answer is B. {EYE_REASONING}</think><answer>B</answer>"
-    assert stage(r, "B", EYE) == DIRECT_ANSWER_HACKER
+    response = ("<think>The most appropriate treatment for this patient is Ketotifen eye drops."
+                "</think><answer>B</answer>")
+    assert stage(response, "B", EYE) == DIRECT_ANSWER_HACKER
+    # Stating the answer first and justifying it afterwards is the same hack: no reasoning before
+    # the answer.
+    response = f"<think>The answer is B. {EYE_REASONING}</think><answer>B</answer>"
+    assert stage(response, "B", EYE) == DIRECT_ANSWER_HACKER
     # A think block with no reasoning at all, too.
     assert stage("<think>Let me think.</think><answer>B</answer>", "B", EYE) == DIRECT_ANSWER_HACKER
 
 
 def test_verbose_formatter_long_but_not_a_hack():
-    walk = " ".join(f"Option {k}, {v}, should be weighed against the history, the exam and the season." for k, v in EYE.items())
-    r = f"<think>{EYE_REASONING} {walk * 4} Therefore the answer is B.</think><answer>B</answer>"
-    assert len(r) > dynamics.VERBOSE_CHARS
-    assert stage(r, "B", EYE) == VERBOSE_FORMATTER
+    walk = " ".join(f"Option {letter}, {text}, should be weighed against the history, the exam "
+                    "and the season." for letter, text in EYE.items())
+    response = (f"<think>{EYE_REASONING} {walk * 4} Therefore the answer is B.</think>"
+                "<answer>B</answer>")
+    assert len(response) > dynamics.VERBOSE_CHARS
+    assert stage(response, "B", EYE) == VERBOSE_FORMATTER
     # A long response whose think states the answer at once is still a hack, not verbose.
-    r = f"<think>The answer is B. {walk * 4}</think><answer>B</answer>"
-    assert stage(r, "B", EYE) == DIRECT_ANSWER_HACKER
+    response = f"<think>The answer is B. {walk * 4}</think><answer>B</answer>"
+    assert stage(response, "B", EYE) == DIRECT_ANSWER_HACKER
 
 
 def test_reintegrated_reasoning_concludes_inside_think():
-    r = (f"<think>{EYE_REASONING} So the most appropriate treatment is a mast cell stabiliser: Ketotifen eye "
-         "drops.</think><answer>B</answer>")
-    assert stage(r, "B", EYE) == REINTEGRATED_REASONING
-    r = f"<think>{EYE_REASONING} Therefore the answer is (B).</think><answer>B</answer>"  # by letter
-    assert stage(r, "B", EYE) == REINTEGRATED_REASONING
+    response = (f"<think>{EYE_REASONING} So the most appropriate treatment is a mast cell "
+                "stabiliser: Ketotifen eye drops.</think><answer>B</answer>")
+    assert stage(response, "B", EYE) == REINTEGRATED_REASONING
+    # The same by letter.
+    response = f"<think>{EYE_REASONING} Therefore the answer is (B).</think><answer>B</answer>"
+    assert stage(response, "B", EYE) == REINTEGRATED_REASONING
 
 
 def test_concise_structurer_reasons_but_leaves_choice_to_answer_tag():
-    r = f"<think>{EYE_REASONING} A topical antihistamine with mast cell stabilising action fits.</think><answer>B</answer>"
-    assert stage(r, "B", EYE) == CONCISE_STRUCTURER
-    # A walk through the options that names the chosen one early, without concluding, is not a hack.
-    r = (f"<think>B. Ketotifen eye drops: an antihistamine. A. Artificial tears: only lubricate. {EYE_REASONING}"
-         "</think><answer>B</answer>")
-    assert stage(r, "B", EYE) == CONCISE_STRUCTURER
+    response = (f"<think>{EYE_REASONING} A topical antihistamine with mast cell stabilising action "
+                "fits.</think><answer>B</answer>")
+    assert stage(response, "B", EYE) == CONCISE_STRUCTURER
+    # A walk through the options that names the chosen one early, without concluding, is not a
+    # hack.
+    response = ("<think>B. Ketotifen eye drops: an antihistamine. A. Artificial tears: only "
+                f"lubricate. {EYE_REASONING}</think><answer>B</answer>")
+    assert stage(response, "B", EYE) == CONCISE_STRUCTURER
 
 
 def test_answer_position_needs_a_conclusion():
     assert dynamics.answer_position("Ketotifen eye drops are an option.", "B", EYE) is None
-    assert dynamics.answer_position("First. So it is Ketotifen eye drops.", "B", EYE) == len("First. ")
+    assert (dynamics.answer_position("First. So it is Ketotifen eye drops.", "B", EYE)
+            == len("First. "))
     assert dynamics.answer_position("The answer is B.", "B", EYE) == 0
     assert dynamics.answer_position("The answer is B.", None, EYE) is None
 
@@ -93,48 +114,61 @@ def test_step_report_exact_shares(tmp_path):
     """A hand-written rollouts.jsonl: two steps, known stages, exact shares and means."""
     hack = "The most appropriate treatment is Ketotifen eye drops.</think><answer>B</answer>"
     concise = f"{EYE_REASONING} A topical antihistamine fits.</think><answer>A</answer>"
-    rows = [  # prompt_style r1_chat: the prompt already holds "<think>", the response starts inside it
-        (0, "The answer is B.", 3), (0, "B", 1), (0, "<think>Ketotifen</think><answer>B</answer>", 12),
-        (0, concise, 40),
-        (1, hack, 15), (1, hack, 15), (1, concise, 40), (1, "<think>I think.</think><answer>C</answer>", 9),
+    # prompt_style r1_chat: the prompt already holds "<think>", the response starts inside it.
+    rollouts = [
+        (0, "The answer is B.", 3), (0, "B", 1),
+        (0, "<think>Ketotifen</think><answer>B</answer>", 12), (0, concise, 40),
+        (1, hack, 15), (1, hack, 15), (1, concise, 40),
+        (1, "<think>I think.</think><answer>C</answer>", 9),
     ]
     with open(tmp_path / "rollouts.jsonl", "w") as f:
-        for i, (step, response, n_tok) in enumerate(rows):
-            style = "r1" if response.startswith("<think>") or not response.endswith("</answer>") else "r1_chat"
-            v = verify(("<think>" if style == "r1_chat" else "") + response, "B", EYE)
-            f.write(json.dumps({"step": step, "id": f"q{i}", "prompt": "...", "response": response, "gold": "B",
-                                "options": EYE, "reward": v["reward"], "pred": v["pred"], "format_ok": v["format_ok"],
-                                "answer_in_think": False, "reasoning_outside_think": False, "template_copy": False,
-                                "response_tokens": n_tok, "prompt_style": style}) + "\n")
+        for index, (step, response, n_tokens) in enumerate(rollouts):
+            opens_think = response.startswith("<think>") or not response.endswith("</answer>")
+            style = "r1" if opens_think else "r1_chat"
+            result = verify(("<think>" if style == "r1_chat" else "") + response, "B", EYE)
+            f.write(json.dumps({"step": step, "id": f"q{index}", "prompt": "...",
+                                "response": response, "gold": "B", "options": EYE,
+                                "reward": result["reward"], "pred": result["pred"],
+                                "format_ok": result["format_ok"], "answer_in_think": False,
+                                "reasoning_outside_think": False, "template_copy": False,
+                                "response_tokens": n_tokens, "prompt_style": style}) + "\n")
     dynamics.main([str(tmp_path)])
     assert (tmp_path / "dynamics.png").exists() == has_matplotlib()
     report = json.loads((tmp_path / "dynamics.json").read_text())["steps"]
-    assert [r["step"] for r in report] == [0, 1]
-    s0, s1 = report
-    assert s0["shares"] == {**dict.fromkeys(STAGES, 0.0), FORMAT_FAILURE: 0.5, DIRECT_ANSWER_HACKER: 0.25,
-                            CONCISE_STRUCTURER: 0.25}
-    assert s1["shares"] == {**dict.fromkeys(STAGES, 0.0), DIRECT_ANSWER_HACKER: 0.75, CONCISE_STRUCTURER: 0.25}
-    assert s0["dominant"] == FORMAT_FAILURE and s1["dominant"] == DIRECT_ANSWER_HACKER
-    assert s0["format_rate"] == 0.5 and s1["format_rate"] == 1.0
-    assert s0["accuracy"] == 0.25 and s1["accuracy"] == 0.5  # correct needs the format (reward +1)
-    assert s0["mean_reward"] == pytest.approx((-1 - 1 + 1 + 0) / 4)
-    assert s1["mean_reward"] == pytest.approx((1 + 1 + 0 + 0) / 4)
-    assert s0["mean_tokens"] == pytest.approx((3 + 1 + 12 + 40) / 4)
-    assert s1["mean_chars"] == pytest.approx((2 * len(hack) + len(concise) + len(rows[-1][1])) / 4)
+    assert [row["step"] for row in report] == [0, 1]
+    step0, step1 = report
+    assert step0["shares"] == {**dict.fromkeys(STAGES, 0.0), FORMAT_FAILURE: 0.5,
+                               DIRECT_ANSWER_HACKER: 0.25, CONCISE_STRUCTURER: 0.25}
+    assert step1["shares"] == {**dict.fromkeys(STAGES, 0.0), DIRECT_ANSWER_HACKER: 0.75,
+                               CONCISE_STRUCTURER: 0.25}
+    assert step0["dominant"] == FORMAT_FAILURE and step1["dominant"] == DIRECT_ANSWER_HACKER
+    assert step0["format_rate"] == 0.5 and step1["format_rate"] == 1.0
+    # Correct needs the format (reward +1).
+    assert step0["accuracy"] == 0.25 and step1["accuracy"] == 0.5
+    assert step0["mean_reward"] == pytest.approx((-1 - 1 + 1 + 0) / 4)
+    assert step1["mean_reward"] == pytest.approx((1 + 1 + 0 + 0) / 4)
+    assert step0["mean_tokens"] == pytest.approx((3 + 1 + 12 + 40) / 4)
+    assert step1["mean_chars"] == pytest.approx(
+        (2 * len(hack) + len(concise) + len(rollouts[-1][1])) / 4)
     table = (tmp_path / "dynamics.md").read_text().split("\n\n")[0]
     assert table.count("\n") == 3 and "| 1 | 4 |" in table  # header, rule, two steps
     shown = json.loads((tmp_path / "dynamics.json").read_text())["examples"]
     assert list(shown) == [FORMAT_FAILURE, DIRECT_ANSWER_HACKER, CONCISE_STRUCTURER]
-    assert shown[DIRECT_ANSWER_HACKER] == {"step": 1, "response": "<think>" + hack}  # the latest step's first
+    # The latest step's first.
+    assert shown[DIRECT_ANSWER_HACKER] == {"step": 1, "response": "<think>" + hack}
 
 
 def test_run_config_sets_the_verifier_rules(tmp_path):
-    """A run trained with strict_format judged its step-by-step exploits as format failures: so does the report."""
+    """A run trained with strict_format judged its step-by-step exploits as format failures: so
+    does the report."""
     response = GALL_STEPS + "<think>Obstruction of the cystic duct</think><answer>E</answer>"
-    row = {"step": 0, "id": "q", "prompt": "", "response": response, "gold": "E", "options": GALL, "reward": -1.0,
-           "response_tokens": 60, "prompt_style": "r1"}
-    assert dynamics.step_report(dynamics.classify_rows([row]))[0]["shares"][STEP_BY_STEP_EXPLOIT] == 1.0
-    (tmp_path / "config.json").write_text(json.dumps({"strict_format": True, "format_reward": -0.5}))
+    row = {"step": 0, "id": "q", "prompt": "", "response": response, "gold": "E", "options": GALL,
+           "reward": -1.0, "response_tokens": 60, "prompt_style": "r1"}
+    shares = dynamics.step_report(dynamics.classify_rows([row]))[0]["shares"]
+    assert shares[STEP_BY_STEP_EXPLOIT] == 1.0
+    (tmp_path / "config.json").write_text(json.dumps({"strict_format": True,
+                                                      "format_reward": -0.5}))
     kwargs = dynamics.verify_options(tmp_path)
     assert kwargs == {"strict": True, "format_reward": -0.5}
-    assert dynamics.step_report(dynamics.classify_rows([row], kwargs))[0]["shares"][FORMAT_FAILURE] == 1.0
+    shares = dynamics.step_report(dynamics.classify_rows([row], kwargs))[0]["shares"]
+    assert shares[FORMAT_FAILURE] == 1.0

@@ -1,5 +1,6 @@
-"""verifier.py case by case: every format rule, every answer form, the traps, the flags, its speed, and hostile
-strings (odd gold labels and option tables, tags split by whitespace, long repeated patterns)."""
+"""verifier.py case by case: every format rule, every answer form, the traps, the flags, its
+speed, and hostile strings (odd gold labels and option tables, tags split by whitespace, long
+repeated patterns)."""
 import ast
 import random
 import sys
@@ -7,7 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from verifier import compute_score, extract_letter, verify
 
@@ -16,7 +18,7 @@ OPTS = {"A": "Fluorometholone eye drops", "B": "Ketotifen eye drops",
 TEN = {k: f"option {k}" for k in "ABCDEFGHIJ"}  # an MMLU-Pro sized question
 
 
-def r(answer, think=" thinking ", prefix=""):
+def tagged(answer, think=" thinking ", prefix=""):
     """A well-formed response around `answer`."""
     return f"{prefix}<think>{think}</think><answer>{answer}</answer>"
 
@@ -24,16 +26,19 @@ def r(answer, think=" thinking ", prefix=""):
 # (id, response, gold, options, kwargs, the exact reward)
 CASES = [
     # --- format: what holds
-    ("ok", r("B"), "B", None, {}, 1.0),
-    ("ok wrong letter", r("B"), "C", None, {}, 0.0),
-    ("gold lower case", r("B"), "b", None, {}, 1.0),
-    ("whitespace between and after", "<think>x</think> \n\t<answer>B</answer>\n \n", "B", None, {}, 1.0),
+    ("ok", tagged("B"), "B", None, {}, 1.0),
+    ("ok wrong letter", tagged("B"), "C", None, {}, 0.0),
+    ("gold lower case", tagged("B"), "b", None, {}, 1.0),
+    ("whitespace between and after", "<think>x</think> \n\t<answer>B</answer>\n \n", "B", None,
+     {}, 1.0),
     ("empty think", "<think></think><answer>B</answer>", "B", None, {}, 1.0),
     ("empty answer: no letter", "<think>x</think><answer></answer>", "B", None, {}, 0.0),
-    ("text before think allowed", r("B", prefix="Step 1: reasoning goes here. "), "B", None, {}, 1.0),
-    ("text before think, strict", r("B", prefix="Step 1: reasoning goes here. "), "B", None,
+    ("text before think allowed", tagged("B", prefix="Step 1: reasoning goes here. "), "B", None,
+     {}, 1.0),
+    ("text before think, strict", tagged("B", prefix="Step 1: reasoning goes here. "), "B", None,
      {"strict": True}, -1.0),
-    ("whitespace before think, strict", r("B", prefix=" \n "), "B", None, {"strict": True}, 1.0),
+    ("whitespace before think, strict", tagged("B", prefix=" \n "), "B", None, {"strict": True},
+     1.0),
     # --- format: what breaks it
     ("no tags at all", "B", "B", None, {}, -1.0),
     ("empty response", "", "B", None, {}, -1.0),
@@ -42,68 +47,69 @@ CASES = [
     ("missing <answer>", "<think>x</think>B</answer>", "B", None, {}, -1.0),
     ("missing </answer>", "<think>x</think><answer>B", "B", None, {}, -1.0),
     ("two <think>", "<think><think>x</think><answer>B</answer>", "B", None, {}, -1.0),
-    ("two </answer>", r("B") + "</answer>", "B", None, {}, -1.0),
-    ("two full blocks", r("B") + r("B"), "B", None, {}, -1.0),
+    ("two </answer>", tagged("B") + "</answer>", "B", None, {}, -1.0),
+    ("two full blocks", tagged("B") + tagged("B"), "B", None, {}, -1.0),
     ("nested think", "<think>a<think>b</think>c</think><answer>B</answer>", "B", None, {}, -1.0),
     ("answer before think", "<answer>B</answer><think>x</think>", "B", None, {}, -1.0),
     ("close before open", "</think>x<think><answer>B</answer>", "B", None, {}, -1.0),
     ("answer inside think", "<think>x<answer>B</answer></think>", "B", None, {}, -1.0),
     ("text between", "<think>x</think> so <answer>B</answer>", "B", None, {}, -1.0),
-    ("text after", r("B") + " done", "B", None, {}, -1.0),
-    ("EOS token left after", r("B") + "<|endoftext|>", "B", None, {}, -1.0),
+    ("text after", tagged("B") + " done", "B", None, {}, -1.0),
+    ("EOS token left after", tagged("B") + "<|endoftext|>", "B", None, {}, -1.0),
     ("capitalised tag", "<Think>x</Think><answer>B</answer>", "B", None, {}, -1.0),
     ("upper-case tags", "<THINK>x</THINK><ANSWER>B</ANSWER>", "B", None, {}, -1.0),
     ("tag split by space", "< think>x</think><answer>B</answer>", "B", None, {}, -1.0),
     ("tag with trailing space", "<think >x</think><answer>B</answer>", "B", None, {}, -1.0),
     ("non-string None", None, "B", None, {}, -1.0),
     ("non-string int", 12, "B", None, {}, -1.0),
-    ("non-string bytes", r("B").encode(), "B", None, {}, -1.0),
+    ("non-string bytes", tagged("B").encode(), "B", None, {}, -1.0),
     # --- every accepted answer form (gold B)
-    *[(f"form {a!r}", r(a), "B", OPTS, {}, 1.0) for a in [
-        "B", "B.", "(B)", "B)", "[B]", " B \n", "B: Ketotifen eye drops", "B. Ketotifen eye drops",
-        "B) Ketotifen", "(B) Ketotifen eye drops", "**B**", "**B. Ketotifen eye drops**", "Option B",
-        "option B", "The answer is B", "The answer is B.", "The correct answer is (B).", "Answer: B",
-        "Answer: **B**", "The best choice is B", "\\boxed{B}", "B is correct",
+    *[(f"form {a!r}", tagged(a), "B", OPTS, {}, 1.0) for a in [
+        "B", "B.", "(B)", "B)", "[B]", " B \n", "B: Ketotifen eye drops",
+        "B. Ketotifen eye drops", "B) Ketotifen", "(B) Ketotifen eye drops", "**B**",
+        "**B. Ketotifen eye drops**", "Option B", "option B", "The answer is B",
+        "The answer is B.", "The correct answer is (B).", "Answer: B", "Answer: **B**",
+        "The best choice is B", "\\boxed{B}", "B is correct",
         "The answer is (B) Ketotifen, not vitamin A", "B. Vitamin A.", "I think the answer is B",
         "Ketotifen eye drops", "ketotifen  EYE drops.", "The patient needs B"]],
-    ("option text needs options", r("Ketotifen eye drops"), "B", None, {}, 0.0),
-    ("option text must be exact", r("Ketotifen"), "B", OPTS, {}, 0.0),
+    ("option text needs options", tagged("Ketotifen eye drops"), "B", None, {}, 0.0),
+    ("option text must be exact", tagged("Ketotifen"), "B", OPTS, {}, 0.0),
     # --- several letters, letters outside the options, no letter: wrong, never a format failure
-    *[(f"hedge {a!r}", r(a), "B", OPTS, {}, 0.0) for a in [
+    *[(f"hedge {a!r}", tagged(a), "B", OPTS, {}, 0.0) for a in [
         "B or C", "B and C", "B, C", "B/C", "A, B, C, D", "ABCD", "AB", "A B", "(B) or (C)",
         "Option B or option C", "Both A and B", "A. Fluorometholone\nB. Ketotifen", "b or c"]],
-    ("letter outside the options", r("E"), "B", OPTS, {}, 0.0),
-    ("E is fine without options", r("E"), "E", None, {}, 1.0),
-    ("J is the last default letter", r("J"), "J", None, {}, 1.0),
-    ("K is never a default letter", r("K"), "K", None, {}, 0.0),
-    ("no letter: prose", r("I am not sure"), "B", OPTS, {}, 0.0),
-    ("no letter: placeholder", r(" answer here "), "B", OPTS, {}, 0.0),
-    ("no letter: abbreviation", r("ACE inhibitors"), "A", None, {}, 0.0),
-    ("no letter: B12 is not a token", r("vitamin B12"), "B", None, {}, 0.0),
-    ("no letter: I.V. is not a token", r("I.V. fluids"), "I", TEN, {}, 0.0),
+    ("letter outside the options", tagged("E"), "B", OPTS, {}, 0.0),
+    ("E is fine without options", tagged("E"), "E", None, {}, 1.0),
+    ("J is the last default letter", tagged("J"), "J", None, {}, 1.0),
+    ("K is never a default letter", tagged("K"), "K", None, {}, 0.0),
+    ("no letter: prose", tagged("I am not sure"), "B", OPTS, {}, 0.0),
+    ("no letter: placeholder", tagged(" answer here "), "B", OPTS, {}, 0.0),
+    ("no letter: abbreviation", tagged("ACE inhibitors"), "A", None, {}, 0.0),
+    ("no letter: B12 is not a token", tagged("vitamin B12"), "B", None, {}, 0.0),
+    ("no letter: I.V. is not a token", tagged("I.V. fluids"), "I", TEN, {}, 0.0),
     # --- lower case: a lone letter or a leading label counts, letters in prose do not
-    ("lower lone", r("b"), "B", OPTS, {}, 1.0),
-    ("lower wrapped", r("(b)"), "B", OPTS, {}, 1.0),
-    ("lower with period", r("b."), "B", OPTS, {}, 1.0),
-    ("lower leading label", r("b. ketotifen eye drops"), "B", OPTS, {}, 1.0),
-    ("lower in prose", r("the answer is b"), "B", OPTS, {}, 0.0),
-    ("lower after option", r("option b"), "B", OPTS, {}, 0.0),
+    ("lower lone", tagged("b"), "B", OPTS, {}, 1.0),
+    ("lower wrapped", tagged("(b)"), "B", OPTS, {}, 1.0),
+    ("lower with period", tagged("b."), "B", OPTS, {}, 1.0),
+    ("lower leading label", tagged("b. ketotifen eye drops"), "B", OPTS, {}, 1.0),
+    ("lower in prose", tagged("the answer is b"), "B", OPTS, {}, 0.0),
+    ("lower after option", tagged("option b"), "B", OPTS, {}, 0.0),
     # --- the article / pronoun trap
-    ("article A", r("A 45-year-old man with itchy eyes"), "A", OPTS, {}, 0.0),
-    ("lower article a", r("a patient with allergy"), "A", OPTS, {}, 0.0),
-    ("article then letter", r("A patient like this needs option C"), "C", OPTS, {}, 1.0),
-    ("article is not a hedge", r("A patient like this needs C"), "C", OPTS, {}, 1.0),
-    ("pronoun I", r("I think it is D"), "D", TEN, {}, 1.0),
-    ("pronoun I is not a letter", r("I think so"), "I", TEN, {}, 0.0),
-    ("lone I is a letter", r("I"), "I", TEN, {}, 1.0),
-    ("lone A is a letter", r("A"), "A", OPTS, {}, 1.0),
-    ("Group A strep", r("Group A streptococcus"), "A", None, {}, 0.0),
+    ("article A", tagged("A 45-year-old man with itchy eyes"), "A", OPTS, {}, 0.0),
+    ("lower article a", tagged("a patient with allergy"), "A", OPTS, {}, 0.0),
+    ("article then letter", tagged("A patient like this needs option C"), "C", OPTS, {}, 1.0),
+    ("article is not a hedge", tagged("A patient like this needs C"), "C", OPTS, {}, 1.0),
+    ("pronoun I", tagged("I think it is D"), "D", TEN, {}, 1.0),
+    ("pronoun I is not a letter", tagged("I think so"), "I", TEN, {}, 0.0),
+    ("lone I is a letter", tagged("I"), "I", TEN, {}, 1.0),
+    ("lone A is a letter", tagged("A"), "A", OPTS, {}, 1.0),
+    ("Group A strep", tagged("Group A streptococcus"), "A", None, {}, 0.0),
     # --- reward values are parameters (the study's ablation penalises wrong answers)
-    ("ablation: wrong", r("C"), "B", None, {"wrong_reward": -1.0}, -1.0),
-    ("ablation: correct", r("B"), "B", None, {"wrong_reward": -1.0}, 1.0),
+    ("ablation: wrong", tagged("C"), "B", None, {"wrong_reward": -1.0}, -1.0),
+    ("ablation: correct", tagged("B"), "B", None, {"wrong_reward": -1.0}, 1.0),
     ("custom format", "nope", "B", None, {"format_reward": -2.0}, -2.0),
-    ("custom correct", r("B"), "B", None, {"correct_reward": 2.0}, 2.0),
-    ("custom wrong", r("B or C"), "B", None, {"wrong_reward": -0.5}, -0.5),
+    ("custom correct", tagged("B"), "B", None, {"correct_reward": 2.0}, 2.0),
+    ("custom wrong", tagged("B or C"), "B", None, {"wrong_reward": -0.5}, -0.5),
 ]
 
 
@@ -114,22 +120,23 @@ def test_reward_table(response, gold, options, kwargs, reward):
     assert out["reward"] == reward, out
     assert compute_score(response, gold, options, **kwargs) == reward
     assert out["format_ok"] == (out["reason"] == "")
-    if "wrong_reward" not in kwargs:  # with the ablation's -1 for wrong, -1 no longer means "format"
+    # With the ablation's -1 for wrong, -1 no longer means "format".
+    if "wrong_reward" not in kwargs:
         assert out["format_ok"] == (reward != kwargs.get("format_reward", -1.0))
 
 
 @pytest.mark.parametrize("response,reason", [
-    (r("B"), ""),
-    (r("B", prefix="long reasoning before the think tag"), ""),
+    (tagged("B"), ""),
+    (tagged("B", prefix="long reasoning before the think tag"), ""),
     ("x</think><answer>B</answer>", "missing <think>"),
     ("<think>x<answer>B</answer>", "missing </think>"),
     ("<think>x</think>B</answer>", "missing <answer>"),
     ("<think>x</think><answer>B", "missing </answer>"),
     ("<think><think>x</think><answer>B</answer>", "2 <think> tags"),
-    (r("B") + "</answer></answer>", "3 </answer> tags"),
+    (tagged("B") + "</answer></answer>", "3 </answer> tags"),
     ("<answer>B</answer><think>x</think>", "tags out of order"),
     ("<think>x</think> so <answer>B</answer>", "text between </think> and <answer>"),
-    (r("B") + " done", "text after </answer>"),
+    (tagged("B") + " done", "text after </answer>"),
     (None, "response is not a string"),
 ])
 def test_reason(response, reason):
@@ -137,19 +144,20 @@ def test_reason(response, reason):
 
 
 def test_reason_strict():
-    out = verify(r("B", prefix="Reasoning first. "), "B", strict=True)
+    out = verify(tagged("B", prefix="Reasoning first. "), "B", strict=True)
     assert out["reason"] == "text before <think> (strict)" and not out["format_ok"]
     assert out["pred"] is None and out["correct"] is False
 
 
 def test_verify_keys_and_pred():
-    out = verify(r("The answer is C"), "B", OPTS)
+    out = verify(tagged("The answer is C"), "B", OPTS)
     assert set(out) == {"reward", "format_ok", "pred", "correct", "answer_in_think",
                         "reasoning_outside_think", "template_copy", "think_chars", "answer_chars",
                         "prefix_chars", "reason"}
-    assert out["format_ok"] and out["pred"] == "C" and out["correct"] is False and out["reason"] == ""
-    assert verify(r("B or C"), "B", OPTS)["pred"] is None
-    assert verify(r("E"), "B", OPTS)["pred"] is None
+    assert out["format_ok"] and out["pred"] == "C" and out["correct"] is False
+    assert out["reason"] == ""
+    assert verify(tagged("B or C"), "B", OPTS)["pred"] is None
+    assert verify(tagged("E"), "B", OPTS)["pred"] is None
     assert verify("B", "B")["pred"] is None  # no format, no prediction
 
 
@@ -175,7 +183,7 @@ def test_lengths():
     ("The answer is B.", "B or C", OPTS, False),                    # no prediction, no flag
 ])
 def test_answer_in_think(think, answer, options, flag):
-    assert verify(r(answer, think=think), "B", options)["answer_in_think"] is flag
+    assert verify(tagged(answer, think=think), "B", options)["answer_in_think"] is flag
 
 
 @pytest.mark.parametrize("prefix,flag", [
@@ -187,10 +195,10 @@ def test_answer_in_think(think, answer, options, flag):
     ("Step 1: itchy eyes and sneezing in spring point to allergic conjunctivitis.\n", True),
 ])
 def test_reasoning_outside_think(prefix, flag):
-    out = verify(r("B", think="Ketotifen", prefix=prefix), "B", OPTS)
+    out = verify(tagged("B", think="Ketotifen", prefix=prefix), "B", OPTS)
     assert out["reasoning_outside_think"] is flag and out["reward"] == 1.0  # allowed by default
     assert out["prefix_chars"] == len(prefix)
-    strict = verify(r("B", think="Ketotifen", prefix=prefix), "B", OPTS, strict=True)
+    strict = verify(tagged("B", think="Ketotifen", prefix=prefix), "B", OPTS, strict=True)
     assert strict["reasoning_outside_think"] is flag  # still flagged when strict refuses it
 
 
@@ -198,9 +206,10 @@ def test_reasoning_outside_think(prefix, flag):
     ("<think> reasoning process here </think><answer> answer here </answer>", True),
     ("<think> Reasoning process here </think><answer>B</answer>", True),
     ("<think>x</think><answer>answer here</answer>", True),
-    ("<think> reasoning process here </think><answer> answer here </answer><think>", True),  # broken
-    (r("B"), False),
-    (r("B", think="the answer here is B"), False),
+    # A broken format still counts.
+    ("<think> reasoning process here </think><answer> answer here </answer><think>", True),
+    (tagged("B"), False),
+    (tagged("B", think="the answer here is B"), False),
 ])
 def test_template_copy(response, flag):
     assert verify(response, "B")["template_copy"] is flag
@@ -220,8 +229,10 @@ def test_extract_letter_direct_answers():
 
 def test_stdlib_only():
     tree = ast.parse(Path(__file__).resolve().parent.parent.joinpath("verifier.py").read_text())
-    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    names = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+             for alias in node.names}
+    names |= {node.module.split(".")[0] for node in ast.walk(tree)
+              if isinstance(node, ast.ImportFrom)}
     assert names <= set(sys.stdlib_module_names), names
 
 
@@ -235,7 +246,8 @@ PIECES = ["<think>", "</think>", "<answer>", "</answer>", "< think>", "<Think>",
 def _check(response, gold, options, strict):
     out = verify(response, gold, options, strict=strict)
     assert out["reward"] in (-1.0, 0.0, 1.0)
-    assert out["format_ok"] == (out["reward"] != -1.0) and out["correct"] == (out["reward"] == 1.0)
+    assert out["format_ok"] == (out["reward"] != -1.0)
+    assert out["correct"] == (out["reward"] == 1.0)
     assert out["pred"] is None or out["pred"] in (options or "ABCDEFGHIJ")
     assert (out["reason"] == "") == out["format_ok"]
 
@@ -255,27 +267,29 @@ def test_property_tag_soup(response, gold, options, strict):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.sampled_from(PIECES[6:]), max_size=20).map("".join), st.sampled_from([None, OPTS]))
+@given(st.lists(st.sampled_from(PIECES[6:]), max_size=20).map("".join),
+       st.sampled_from([None, OPTS]))
 def test_property_wellformed_never_format_failure(answer, options):
-    assert verify(r(answer), "B", options)["reward"] in (0.0, 1.0)
+    assert verify(tagged(answer), "B", options)["reward"] in (0.0, 1.0)
 
 
-# --- adversarial inputs: each call well under a second (a guard against catastrophic backtracking)
+# --- adversarial inputs: each call well under a second (a guard against catastrophic
+# backtracking)
 
 MB = 1_000_000
 _rng = random.Random(0)
 ADVERSARIAL = {
     "10k <think>": "<think>" * 10_000 + "</think><answer>B</answer>",
-    "10k full blocks": r("B") * 10_000,
+    "10k full blocks": tagged("B") * 10_000,
     "nested tags": "<think><answer>" * 50_000 + "</answer></think>" * 50_000,
     "split tags": "< think>< /think>< answer>" * 40_000,
-    "1 MB answer of letters": r("B " * (MB // 2)),
-    "1 MB answer of hedges": r("A or (B), option C, answer is D. " * (MB // 32)),
-    "1 MB answer, no spaces": r("A" * MB),
-    "1 MB think": r("B", think="The answer is (B). " * (MB // 19)),
-    "1 MB prefix": r("B", prefix="x " * (MB // 2)),
+    "1 MB answer of letters": tagged("B " * (MB // 2)),
+    "1 MB answer of hedges": tagged("A or (B), option C, answer is D. " * (MB // 32)),
+    "1 MB answer, no spaces": tagged("A" * MB),
+    "1 MB think": tagged("B", think="The answer is (B). " * (MB // 19)),
+    "1 MB prefix": tagged("B", prefix="x " * (MB // 2)),
     "1 MB whitespace between": "<think>x</think>" + " " * MB + "<answer>B</answer>",
-    "1 MB after answer": r("B") + "\n" * MB,
+    "1 MB after answer": tagged("B") + "\n" * MB,
     "1 MB template": "reasoning process here " * (MB // 23),
     "1 MB random garbage": "".join(_rng.choice("<>/thinkanswer ABCD().:*\n\t") for _ in range(MB)),
     "1 MB random unicode": "".join(chr(_rng.randrange(1, 0x2FFF)) for _ in range(MB)),
@@ -295,24 +309,28 @@ def test_adversarial_fast(name):
     assert time.perf_counter() - start < 0.5, name
 
 
-# =========================================================================================================
+# =================================================================================================
 # The verifier under fire: odd gold labels and option tables, split tags, long repeated patterns
-# =========================================================================================================
+# =================================================================================================
 TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
-odd_gold = st.none() | st.integers() | st.text(max_size=3) | st.sampled_from(["A", "b", " C ", "AB", ""])
+odd_gold = (st.none() | st.integers() | st.text(max_size=3)
+            | st.sampled_from(["A", "b", " C ", "AB", ""]))
 odd_options = st.none() | st.lists(st.text(max_size=5), max_size=4) | st.dictionaries(
-    st.text(max_size=3) | st.integers(), st.none() | st.integers() | st.text(max_size=20) | st.sampled_from(TAGS),
+    st.text(max_size=3) | st.integers(),
+    st.none() | st.integers() | st.text(max_size=20) | st.sampled_from(TAGS),
     max_size=12)
 
 
 def _three_rewards(response, gold, options, strict=False):
     out = verify(response, gold, options, strict=strict)
-    assert out["reward"] in (-1.0, 0.0, 1.0) and (out["reason"] == "") == out["format_ok"]
+    assert out["reward"] in (-1.0, 0.0, 1.0)
+    assert (out["reason"] == "") == out["format_ok"]
     return out
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(max_size=60) | st.lists(st.sampled_from(TAGS + ["B", " ", "\n", "x"]), max_size=12).map("".join),
+@given(st.text(max_size=60)
+       | st.lists(st.sampled_from(TAGS + ["B", " ", "\n", "x"]), max_size=12).map("".join),
        odd_gold, odd_options, st.booleans())
 def test_verifier_any_gold_and_options(response, gold, options, strict):
     """Callers pass records from any file: odd gold labels and option tables never make it raise."""
@@ -323,10 +341,11 @@ def test_verifier_any_gold_and_options(response, gold, options, strict):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.sampled_from(range(4)), st.data(), st.sampled_from([" ", "\n", "\t", "\r\n", "\u00a0", "\u200b", "  \n "]))
-def test_verifier_a_tag_split_by_whitespace_is_no_tag(which, draw, space):
+@given(st.sampled_from(range(4)), st.data(),
+       st.sampled_from([" ", "\n", "\t", "\r\n", "\u00a0", "\u200b", "  \n "]))
+def test_verifier_a_tag_split_by_whitespace_is_no_tag(which, data, space):
     tag = TAGS[which]
-    cut = draw.draw(st.integers(1, len(tag) - 1))
+    cut = data.draw(st.integers(1, len(tag) - 1))
     parts = ["<think>", "B is it", "</think>", "<answer>", "B", "</answer>"]
     parts[[0, 2, 3, 5][which]] = tag[:cut] + space + tag[cut:]
     out = _three_rewards("".join(parts), "B", None)
@@ -334,24 +353,25 @@ def test_verifier_a_tag_split_by_whitespace_is_no_tag(which, draw, space):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.sampled_from(TAGS + ["< think>", "<think ", "B", "(B)", "B or C", "answer is ", " ", "\n",
-                                        "*", "\\boxed{", "}", "A 45-year-old", "."]), min_size=1, max_size=6).map("".join),
+@given(st.lists(st.sampled_from(TAGS + ["< think>", "<think ", "B", "(B)", "B or C", "answer is ",
+                                        " ", "\n", "*", "\\boxed{", "}", "A 45-year-old", "."]),
+                min_size=1, max_size=6).map("".join),
        st.integers(1_000, 60_000), st.sampled_from(["", "<think>x</think><answer>", "<think>"]))
 def test_verifier_repeated_patterns_stay_fast(pattern, times, head):
-    """Any short pattern repeated into a long response (hundreds of KB): catastrophic regex backtracking
-    would show up here as seconds per call."""
+    """Any short pattern repeated into a long response (hundreds of KB): catastrophic regex
+    backtracking would show up here as seconds per call."""
     times = min(times, 400_000 // len(pattern))  # up to 400 KB
     response = head + pattern * times + ("</answer>" if head.endswith("<answer>") else "")
     for options, strict in ((None, False), ({"A": "x", "B": "y", "C": pattern}, True)):
-        t0 = time.perf_counter()
+        start = time.perf_counter()
         _three_rewards(response, "B", options, strict)
         extract_letter(response, options)
-        assert time.perf_counter() - t0 < 1.0, (pattern, times)
+        assert time.perf_counter() - start < 1.0, (pattern, times)
 
 
 def test_verifier_huge_option_texts_and_many_options_stay_fast():
     options = {chr(ord("A") + i): ("x " * 100_000) + chr(ord("A") + i) for i in range(26)}
     response = "<think>" + "x " * 100_000 + "</think><answer>" + options["C"] + "</answer>"
-    t0 = time.perf_counter()
+    start = time.perf_counter()
     _three_rewards(response, "C", options)
-    assert time.perf_counter() - t0 < 2.0
+    assert time.perf_counter() - start < 2.0
