@@ -33,13 +33,13 @@ def setup(device: str = "auto", timeout_s: float = 600.0):
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "cuda":
         torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+        rank_device = torch.device("cuda", local_rank)
     else:
-        dev = torch.device("cpu")
+        rank_device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+        dist.init_process_group(backend="nccl" if rank_device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_s))
-    return dist.get_rank(), dist.get_world_size(), dev
+    return dist.get_rank(), dist.get_world_size(), rank_device
 
 
 def is_distributed() -> bool:
@@ -55,39 +55,43 @@ def shard(model: torch.nn.Module, layers, mixed_precision: bool):
     """FSDP2: shard each decoder layer, then the root (embeddings, final norm, head).
 
     With `mixed_precision` (GPU, bf16), parameters are all-gathered and used in bf16 for compute,
-    while the sharded master copy the optimizer updates stays fp32 and gradients are reduced in fp32.
+    while the sharded master copy that the optimizer updates stays fp32 and gradients are reduced
+    in fp32.
     """
     if not is_distributed():
         return model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
-        else MixedPrecisionPolicy()
-    # The mesh on the process group's device, said explicitly: fully_shard's default mesh is on the machine's
-    # accelerator whenever it has one, so gloo ranks on a GPU machine tried cuda:1 on a 1-GPU host (seen on an H200).
+    if mixed_precision:
+        mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        mp_policy = MixedPrecisionPolicy()
+    # The mesh on the process group's device, said explicitly: fully_shard's default mesh is on the
+    # machine's accelerator whenever it has one, so gloo ranks on a GPU machine would otherwise try
+    # cuda:1 and up, GPUs that a one-GPU host does not have.
     mesh = init_device_mesh(comm_device().type, (dist.get_world_size(),))
     for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy)
     return model
 
 
 def fsdp_units(model: torch.nn.Module):
     from torch.distributed.fsdp import FSDPModule
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+    return [module for module in model.modules() if isinstance(module, FSDPModule)]
 
 
 @contextlib.contextmanager
 def gathered(model: torch.nn.Module):
     """Hold the full (unsharded) parameters for the whole block: used around generation."""
     units = fsdp_units(model) if is_distributed() else []
-    for u in units:
-        u.unshard()
+    for unit in units:
+        unit.unshard()
     try:
         yield model
     finally:
-        for u in units:
-            u.reshard()
+        for unit in units:
+            unit.reshard()
 
 
 def comm_device() -> torch.device:
@@ -111,9 +115,10 @@ def all_reduce_dict(sums: dict) -> dict:
     if not is_distributed() or not sums:
         return dict(sums)
     keys = sorted(sums)
-    t = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return dict(zip(keys, t.tolist()))
+    values = torch.tensor([float(sums[key]) for key in keys], dtype=torch.float64,
+                          device=comm_device())
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, values.tolist()))
 
 
 def all_gather_objects(obj) -> list:
@@ -139,34 +144,28 @@ def barrier():
 
 
 def grad_norm_and_clip(model: torch.nn.Module, max_norm: float) -> float:
-    """Global L2 gradient norm (over all shards), clipped to max_norm; returns the norm before clipping."""
-    params = [p for p in model.parameters() if p.grad is not None]
+    """Global L2 gradient norm (over all shards), clipped to max_norm; returns the norm before
+    clipping."""
+    params = [param for param in model.parameters() if param.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2: the norm over every rank's shard
         norm = norm.full_tensor()
     return float(norm)
 
 
-# --- state dicts: full ones for Hugging Face folders, sharded ones for optimizer state ----------------
+# --- state dicts: full ones for Hugging Face folders, sharded ones for optimizer state ------------
 def full_model_state_dict(model: torch.nn.Module) -> dict:
     """The whole model's weights on CPU; under FSDP gathered onto rank 0 (other ranks get {})."""
     if not is_distributed():
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        return {name: value.detach().cpu() for name, value in model.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_full_model_state_dict(model: torch.nn.Module, state: dict):
-    """Load full weights (read on rank 0 only under FSDP) into a plain or sharded model."""
-    if not is_distributed():
-        model.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return get_model_state_dict(model,
+                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def optimizer_state_dict(model, optimizer) -> dict:
-    """Optimizer state keyed by parameter name; sharded (DTensors) under FSDP, so each rank holds 1/N."""
+    """Optimizer state keyed by parameter name; sharded (DTensors) under FSDP, so each rank holds
+    1/N."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     return get_optimizer_state_dict(model, optimizer)
 

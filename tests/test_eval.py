@@ -1,6 +1,8 @@
-"""eval.py: bootstrap figures, scoring per prompt style, results aggregation, the compare table, end to end."""
+"""eval.py: bootstrap figures, scoring per prompt style, results aggregation, the compare table,
+end to end."""
 import json
 import math
+import sys
 import time
 
 import numpy as np
@@ -8,8 +10,10 @@ import pytest
 
 import eval as ev
 
-OPTIONS = {"A": "Artificial tears", "B": "Ketotifen eye drops", "C": "Oral prednisone", "D": "Topical erythromycin"}
-RECORD = {"id": "q1", "question": "?", "options": OPTIONS, "answer": "B", "source": "test", "meta": {}}
+OPTIONS = {"A": "Artificial tears", "B": "Ketotifen eye drops", "C": "Oral prednisone",
+           "D": "Topical erythromycin"}
+RECORD = {"id": "q1", "question": "?", "options": OPTIONS, "answer": "B", "source": "test",
+          "meta": {}}
 
 
 def test_bootstrap_std_equals_explicit_loop():
@@ -18,60 +22,73 @@ def test_bootstrap_std_equals_explicit_loop():
     idx = rng.integers(0, len(correct), size=(1000, len(correct)))
     direct = np.std([correct[idx[b]].mean() for b in range(1000)])  # one resample at a time
     assert ev.bootstrap_std(correct, 1000, seed=7) == pytest.approx(direct, abs=1e-15)
-    assert ev.bootstrap_std(correct, 1000, seed=7) == ev.bootstrap_std(list(correct), 1000, seed=7)  # seeded
+    # Seeded: the same figure again, from a list this time.
+    assert ev.bootstrap_std(correct, 1000, seed=7) == ev.bootstrap_std(list(correct), 1000, seed=7)
 
 
 def test_bootstrap_std_close_to_binomial():
     n, p = 818, 0.4
     correct = np.arange(n) < round(p * n)
-    expected = math.sqrt(p * (1 - p) / n)  # the std of a mean of n Bernoulli(p): ~1.7 points, the study's bars
+    # The std of a mean of n Bernoulli(p): ~1.7 points, the study's bars.
+    expected = math.sqrt(p * (1 - p) / n)
     assert ev.bootstrap_std(correct) == pytest.approx(expected, rel=0.1)
     assert ev.bootstrap_std([1] * 50) == 0.0 and ev.bootstrap_std([]) == 0.0
 
 
 def test_score_r1_uses_prefill_and_verifier():
-    s = ev.score("Allergic conjunctivitis.</think><answer>B</answer>", RECORD, "r1_chat")  # "<think>" was in the prompt
-    assert (s["format_ok"], s["pred"], s["correct"], s["reward"]) == (True, "B", True, 1.0)
-    s = ev.score("The answer is B.", RECORD, "r1")
-    assert s["format_ok"] is False and s["reward"] == -1.0 and not s["correct"]
+    # "<think>" was in the prompt.
+    scored = ev.score("Allergic conjunctivitis.</think><answer>B</answer>", RECORD, "r1_chat")
+    flags = (scored["format_ok"], scored["pred"], scored["correct"], scored["reward"])
+    assert flags == (True, "B", True, 1.0)
+    scored = ev.score("The answer is B.", RECORD, "r1")
+    assert scored["format_ok"] is False and scored["reward"] == -1.0 and not scored["correct"]
 
 
 def test_score_direct_and_cot_read_the_letter():
-    s = ev.score("B", RECORD, "direct")
-    assert (s["format_ok"], s["pred"], s["correct"], s["reward"]) == (True, "B", True, 1.0)
-    s = ev.score("I am not sure.", RECORD, "direct")
-    assert (s["format_ok"], s["pred"], s["reward"]) == (False, None, 0.0)  # format rate = a letter was found
-    s = ev.score("Option A is tempting, but itching means allergy. The answer is B.", RECORD, "cot")
-    assert (s["pred"], s["correct"]) == ("B", True)
+    scored = ev.score("B", RECORD, "direct")
+    flags = (scored["format_ok"], scored["pred"], scored["correct"], scored["reward"])
+    assert flags == (True, "B", True, 1.0)
+    scored = ev.score("I am not sure.", RECORD, "direct")
+    # format rate = a letter was found
+    assert (scored["format_ok"], scored["pred"], scored["reward"]) == (False, None, 0.0)
+    scored = ev.score("Option A is tempting, but itching means allergy. The answer is B.", RECORD,
+                      "cot")
+    assert (scored["pred"], scored["correct"]) == ("B", True)
 
 
 def fake_preds(flags, meta=None):
-    return [{"correct": c, "format_ok": f, "pred": p, "reward": float(c), "response": "x" * 10,
-             "meta": (meta or {})} for c, f, p in flags]
+    return [{"correct": correct, "format_ok": format_ok, "pred": pred, "reward": float(correct),
+             "response": "x" * 10, "meta": (meta or {})}
+            for correct, format_ok, pred in flags]
 
 
 def test_metrics_and_breakdowns():
-    preds = fake_preds([(True, True, "A"), (False, True, "C"), (False, False, None), (True, True, "B")])
-    for p, step in zip(preds, ["step1", "step1", "step2&3", "step2&3"]):
-        p["meta"] = {"step": step}
+    preds = fake_preds([(True, True, "A"), (False, True, "C"), (False, False, None),
+                        (True, True, "B")])
+    for pred, step in zip(preds, ["step1", "step1", "step2&3", "step2&3"]):
+        pred["meta"] = {"step": step}
     m = ev.metrics(preds)
     assert (m["n"], m["accuracy"], m["format_rate"], m["no_letter_rate"]) == (4, 0.5, 0.75, 0.25)
-    for p, k in zip(preds, [4, 4, 5, 10]):
-        p["n_options"] = k
+    for pred, n_options in zip(preds, [4, 4, 5, 10]):
+        pred["n_options"] = n_options
     assert ev.metrics(preds)["chance"] == pytest.approx((1 / 4 + 1 / 4 + 1 / 5 + 1 / 10) / 4)
-    b = ev.breakdowns(preds)
-    assert set(b) == {"by_step"} and b["by_step"]["step1"]["accuracy"] == 0.5 and b["by_step"]["step2&3"]["n"] == 2
+    by = ev.breakdowns(preds)
+    assert set(by) == {"by_step"}
+    assert by["by_step"]["step1"]["accuracy"] == 0.5
+    assert by["by_step"]["step2&3"]["n"] == 2
 
 
 def write_run(path, prompt, sets):
     path.mkdir()
-    results = {"config": {"prompt": prompt}, "sets": {k: {"n": 100, "accuracy": a, "accuracy_std": s, "chance": 0.25}
-                                                      for k, (a, s) in sets.items()}}
+    set_results = {name: {"n": 100, "accuracy": accuracy, "accuracy_std": std, "chance": 0.25}
+                   for name, (accuracy, std) in sets.items()}
+    results = {"config": {"prompt": prompt}, "sets": set_results}
     (path / "results.json").write_text(json.dumps(results))
 
 
 def test_compare_table(tmp_path, capsys):
-    write_run(tmp_path / "base", "direct", {"medqa_test": (0.235, 0.012), "mmlu_pro_health": (0.251, 0.015)})
+    write_run(tmp_path / "base", "direct",
+              {"medqa_test": (0.235, 0.012), "mmlu_pro_health": (0.251, 0.015)})
     write_run(tmp_path / "ppo", "r1", {"medqa_test": (0.492, 0.014)})
     ev.main(["--compare", str(tmp_path / "base"), str(tmp_path / "ppo")])
     lines = capsys.readouterr().out.strip().splitlines()
@@ -83,11 +100,12 @@ def test_compare_table(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_eval_end_to_end_tiny_model(tmp_path):
-    """results.json agrees with predictions.jsonl, on a random tiny model and 8 real MedQA questions."""
+    """results.json agrees with predictions.jsonl, on a random tiny model and 8 real MedQA
+    questions."""
     out = tmp_path / "run"
     t0 = time.time()
-    ev.main(["--model", "tiny-qwen2", "--data", "medqa_test", "--prompt", "r1", "--limit", "8", "--out", str(out),
-             "--max_new_tokens", "16", "--batch_size", "3", "--device", "cpu"])
+    ev.main(["--model", "tiny-qwen2", "--data", "medqa_test", "--prompt", "r1", "--limit", "8",
+             "--out", str(out), "--max_new_tokens", "16", "--batch_size", "3", "--device", "cpu"])
     assert time.time() - t0 < 60
     results = json.loads((out / "results.json").read_text())
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
@@ -97,9 +115,11 @@ def test_eval_end_to_end_tiny_model(tmp_path):
     assert m["mean_reward"] == pytest.approx(np.mean([p["reward"] for p in preds]))
     assert m["format_rate"] == pytest.approx(np.mean([p["format_ok"] for p in preds]))
     from data import load_dataset
-    assert [p["id"] for p in preds] == [r["id"] for r in load_dataset("medqa_test")[:8]]  # order restored
+    # The data set's order is restored after the length-sorted batches.
+    assert [p["id"] for p in preds] == [r["id"] for r in load_dataset("medqa_test")[:8]]
     assert m["chance"] == 0.25  # medqa_test has four options
-    assert set(m["by_step"]) <= {"step1", "step2&3"} and sum(g["n"] for g in m["by_step"].values()) == 8
+    assert set(m["by_step"]) <= {"step1", "step2&3"}
+    assert sum(group["n"] for group in m["by_step"].values()) == 8
 
 
 def test_compare_plot_optional(tmp_path, monkeypatch):
@@ -109,21 +129,28 @@ def test_compare_plot_optional(tmp_path, monkeypatch):
     dirs = [str(tmp_path / "a"), str(tmp_path / "b")]
     try:
         import matplotlib  # noqa: F401
-        assert ev.compare_plot(dirs, str(tmp_path / "c.png")) and (tmp_path / "c.png").stat().st_size > 1000
+        assert ev.compare_plot(dirs, str(tmp_path / "c.png"))
+        assert (tmp_path / "c.png").stat().st_size > 1000
     except ImportError:
         pass
-    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import now raises ImportError
-    assert ev.compare_plot(dirs, str(tmp_path / "d.png")) is False and not (tmp_path / "d.png").exists()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import now raises ImportError
+    assert ev.compare_plot(dirs, str(tmp_path / "d.png")) is False
+    assert not (tmp_path / "d.png").exists()
 
 
 def test_score_reads_only_the_answer_not_an_invented_continuation():
-    s = ev.score(" B\n\nQuestion: A 45-year-old man ...\nA. x\nB. y\nAnswer: C", RECORD, "direct")
-    assert s["pred"] == "B"
-    assert ev.score("B. Ketotifen eye drops\n\nExplanation: A and C are wrong.", RECORD, "direct")["pred"] == "B"
-    assert ev.score("A. Artificial tears\nB. Ketotifen eye drops\nC. Oral", RECORD, "direct_chat")["pred"] is None
-    s = ev.score("The answer is not obvious. Itching means allergy. The answer is B.\nQuestion: ... The answer is C.",
-                 RECORD, "cot")
-    assert s["pred"] == "B"
+    scored = ev.score(" B\n\nQuestion: A 45-year-old man ...\nA. x\nB. y\nAnswer: C", RECORD,
+                      "direct")
+    assert scored["pred"] == "B"
+    scored = ev.score("B. Ketotifen eye drops\n\nExplanation: A and C are wrong.", RECORD,
+                      "direct")
+    assert scored["pred"] == "B"
+    scored = ev.score("A. Artificial tears\nB. Ketotifen eye drops\nC. Oral", RECORD,
+                      "direct_chat")
+    assert scored["pred"] is None
+    scored = ev.score("The answer is not obvious. Itching means allergy. The answer is B.\n"
+                      "Question: ... The answer is C.", RECORD, "cot")
+    assert scored["pred"] == "B"
 
 
 def test_resolve_model_finds_the_newest_policy_of_a_run(tmp_path):
@@ -132,5 +159,6 @@ def test_resolve_model_finds_the_newest_policy_of_a_run(tmp_path):
     newest = str(tmp_path / "run" / "checkpoints" / "step_000010" / "policy")
     assert ev.resolve_model(str(tmp_path / "run")) == newest
     assert ev.resolve_model(str(tmp_path / "run" / "checkpoints")) == newest
-    assert ev.resolve_model(str(tmp_path / "run" / "checkpoints" / "step_000002")).endswith("step_000002/policy")
+    step_policy = ev.resolve_model(str(tmp_path / "run" / "checkpoints" / "step_000002"))
+    assert step_policy.endswith("step_000002/policy")
     assert ev.resolve_model("smollm2-135m") == "smollm2-135m"
