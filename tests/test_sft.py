@@ -116,7 +116,8 @@ def test_micro_batching_does_not_change_the_loss_or_the_gradient():
         cfg = S.parse_config(["--preset", "smoke", "--micro_batch_size", str(micro)])
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
-        out[micro] = S.train_step(cfg, 1, batch, model.train(), opt, sched, tok.pad_token_id, 1, torch.device("cpu"))
+        out[micro] = S.train_step(cfg, batch, model.train(), opt, sched, tok.pad_token_id, 1,
+                                  torch.device("cpu"))
     for micro in (4, 6):
         for k in ("loss", "grad_norm", "token_acc", "letter_acc"):
             assert out[micro][k] == pytest.approx(out[1][k], rel=1e-5), k

@@ -1,45 +1,29 @@
-"""train_ppo.py end to end: bad settings, the smoke preset, exact resume, learning, and FSDP2 under torchrun.
+"""train_ppo.py end to end: bad settings, the smoke preset, exact resume, learning, and FSDP2 under
+torchrun.
 
-Most runs use a toy task that a 12-token model can learn in seconds: "Pick C" -> the response must be
-`C</answer>` after the prefilled `<think></think><answer>`. Subprocesses run with OMP_NUM_THREADS=1: tiny
-models are much faster single-threaded on a shared machine, and results do not depend on thread counts.
+Most runs use the toy task of conftest.py, which a 12-token model learns in seconds: "Pick C" -> the
+response must be `C</answer>` after the prefilled `<think></think><answer>`. Subprocesses run with
+OMP_NUM_THREADS=1: tiny models are much faster single-threaded on a shared machine, and results do
+not depend on thread counts.
 """
 import json
 import os
+import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import ROOT, trainer_command
 
-import model as M
-import model_zoo
 import train_ppo
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-VOLATILE = ("time_", "tokens_per_s")  # wall-clock figures differ between runs; everything else must not
+VOLATILE = ("time_", "tokens_per_s")  # wall-clock figures differ between runs; nothing else may
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    d = tmp_path_factory.mktemp("toy")
-    m, tok = model_zoo.load_tiny(chars="ABCD:", seed=0)
-    M.save_model(m, tok, d / "tiny")
-    recs = [{"id": f"q{i}", "question": f"Pick {'ABCD'[i % 4]}", "options": {"A": "x", "B": "y", "C": "z", "D": "w"},
-             "answer": "ABCD"[i % 4], "source": "toy", "meta": {}} for i in range(16)]
-    (d / "toy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    return ["--preset", "smoke", "--model", str(d / "tiny"), "--train_data", str(d / "toy.jsonl"),
-            "--prompt_style", "direct", "--prefill", "<think></think><answer>", "--rollout_batch_size", "8",
-            "--n_samples_per_prompt", "4", "--train_batch_size", "16", "--micro_batch_size", "4",
-            "--max_new_tokens", "4", "--actor_lr", "3e-3", "--critic_lr", "3e-3", "--ppo_epochs", "2",
-            "--max_steps", "4", "--save_every", "2"]
-
-
-def run(args, out, extra_env=None, torchrun=0, check=True, timeout=300):
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}"] if torchrun else [sys.executable]
-    p = subprocess.run([*launcher, "train_ppo.py", *args, "--out_dir", str(out)], cwd=ROOT, capture_output=True,
-                       text=True, env={**ENV, **(extra_env or {})}, timeout=timeout)
+def run(args, out, faults="", torchrun=0, check=True, timeout=300):
+    cmd = trainer_command("train_ppo.py", [*args, "--out_dir", out], faults, torchrun)
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\n{p.stderr[-3000:]}")
     return p
@@ -61,13 +45,20 @@ def assert_same_metrics(a, b, rel=0.0):
                 assert y[k] == v, (x["step"], k, v, y[k])
 
 
-# ---------------------------------------------------------------------------------------------------------
+def same_file(a, b, name="rollouts.jsonl"):
+    return (a / name).read_text() == (b / name).read_text()
+
+
+# ------------------------------------------------------------------------------------------------
 def test_bad_settings_stop_at_once_naming_the_flag(capsys):
-    for argv, words in ((["--preset", "nope"], "--preset 'nope': unknown"),
-                        (["--preset", "smoke", "--train_batch_size", "3"], "--train_batch_size 3 must divide"),
-                        (["--preset", "smoke", "--advantage", "grpo", "--n_samples_per_prompt", "1"], "--n_samples_per_prompt must be >= 2"),
-                        (["--preset", "smoke", "--micro_batch_size", "3"], "--micro_batch_size 3 must divide"),
-                        (["--preset", "smoke", "--kl_estimator", "k9"], "--kl_estimator 'k9'")):
+    cases = ((["--preset", "nope"], "--preset 'nope': unknown"),
+             (["--preset", "smoke", "--train_batch_size", "3"], "--train_batch_size 3 must divide"),
+             (["--preset", "smoke", "--advantage", "grpo", "--n_samples_per_prompt", "1"],
+              "--n_samples_per_prompt must be >= 2"),
+             (["--preset", "smoke", "--micro_batch_size", "3"], "--micro_batch_size 3 must divide"),
+             (["--preset", "smoke", "--kl_estimator", "k9"], "--kl_estimator 'k9'"),
+             (["--preset", "smoke", "--engine", "vllm"], "--engine 'vllm': choose fast or plain"))
+    for argv, words in cases:
         with pytest.raises(SystemExit) as e:
             train_ppo.parse_config(argv)
         assert e.value.code == 2
@@ -76,39 +67,52 @@ def test_bad_settings_stop_at_once_naming_the_flag(capsys):
 
 def test_presets_overlay_the_study_defaults():
     cfg = train_ppo.parse_config(["--preset", "paper"])
-    assert (cfg.model, cfg.actor_lr, cfg.critic_lr, cfg.kl_coef, cfg.kl_estimator, cfg.gamma, cfg.lam, cfg.clip_eps,
-            cfg.value_clip_eps, cfg.temperature, cfg.max_new_tokens, cfg.advantage) == \
-        ("Qwen/Qwen2.5-3B", 1e-6, 9e-6, 0.01, "k1", 1.0, 0.95, 0.2, 0.2, 1.0, 1024, "gae")
-    cfg = train_ppo.parse_config(["--max_steps", "7", "--resume"])  # demo is the default preset; flags win
+    assert (cfg.model, cfg.actor_lr, cfg.critic_lr, cfg.kl_coef, cfg.kl_estimator, cfg.gamma,
+            cfg.lam, cfg.clip_eps, cfg.value_clip_eps, cfg.temperature, cfg.max_new_tokens,
+            cfg.advantage) == ("Qwen/Qwen2.5-3B", 1e-6, 9e-6, 0.01, "k1", 1.0, 0.95, 0.2, 0.2, 1.0,
+                               1024, "gae")
+    cfg = train_ppo.parse_config(["--max_steps", "7", "--resume"])  # demo is the default preset
     assert cfg.model == "smollm2-135m" and cfg.max_steps == 7 and cfg.resume is True
 
 
+def test_help_lists_the_trainers_own_flags_first(capsys):
+    with pytest.raises(SystemExit):
+        train_ppo.parse_config(["--help"])
+    text = capsys.readouterr().out
+    assert text.index("--preset") < text.index("--model") < text.index("--out_dir")
+    assert text.index("--forward_token_budget") < text.index("--max_steps")
+
+
 def test_each_rank_gets_its_slice_of_every_minibatch():
-    cfg = train_ppo.parse_config(["--preset", "smoke", "--rollout_batch_size", "8", "--n_samples_per_prompt", "2",
-                                  "--train_batch_size", "8"])
-    one = train_ppo.step_prompt_indices(cfg, 20, 3, 0, 1)
-    two = [train_ppo.step_prompt_indices(cfg, 20, 3, r, 2) for r in (0, 1)]
-    # minibatch k (4 prompts) = the same prompts whether one rank holds them or two ranks hold 2 each
+    cfg = train_ppo.parse_config(["--preset", "smoke", "--rollout_batch_size", "8",
+                                  "--n_samples_per_prompt", "2", "--train_batch_size", "8"])
+    indices = train_ppo.experience.step_prompt_indices
+    one = indices(cfg, 20, 3, 0, 1)
+    two = [indices(cfg, 20, 3, r, 2) for r in (0, 1)]
+    # minibatch k (4 prompts) = the same prompts whether one rank holds them or two ranks hold 2
     for k in range(2):
         assert sorted(one[4 * k:4 * k + 4]) == sorted(two[0][2 * k:2 * k + 2] + two[1][2 * k:2 * k + 2])
     # steps walk through a seeded permutation of the data, a new one each epoch
-    seen = [i for s in range(1, 6) for _, i in train_ppo.step_prompt_indices(cfg, 20, s, 0, 1)]
+    seen = [i for s in range(1, 6) for _, i in indices(cfg, 20, s, 0, 1)]
     assert sorted(seen[:20]) == list(range(20)) and sorted(seen[20:40]) == list(range(20))
 
 
 @pytest.mark.slow
 def test_smoke_preset_runs_end_to_end_with_a_checkpoint_each_step(tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+
     import checkpoint
     run(["--preset", "smoke"], tmp_path)
     m = metrics(tmp_path)
     assert [x["step"] for x in m] == [1, 2, 3]
-    for key in ("reward", "accuracy", "format_rate", "template_copy_rate", "kl", "entropy", "policy_loss", "value_loss",
-                "clipfrac", "approx_kl", "explained_variance", "actor_grad_norm", "critic_grad_norm", "actor_lr",
-                "time_generate", "time_score", "time_reference", "time_critic", "time_update", "tokens_per_s"):
+    for key in ("reward", "accuracy", "format_rate", "template_copy_rate", "kl", "entropy",
+                "policy_loss", "value_loss", "clipfrac", "approx_kl", "explained_variance",
+                "actor_grad_norm", "critic_grad_norm", "actor_lr", "time_generate", "time_score",
+                "time_reference", "time_critic", "time_update", "tokens_per_s"):
         assert key in m[0], key
     rollouts = [json.loads(x) for x in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
-    assert len(rollouts) == 3 * 4 * 2 and {"response", "reward", "gold", "template_copy"} <= set(rollouts[0])
+    assert len(rollouts) == 3 * 4 * 2
+    assert {"response", "reward", "gold", "template_copy"} <= set(rollouts[0])
     ckpts = checkpoint.list_checkpoints(tmp_path / "checkpoints")
     assert [c.name for c in ckpts] == ["step_000001", "step_000002", "step_000003"]
     assert all(checkpoint.verify(c) == [] for c in ckpts)
@@ -119,18 +123,18 @@ def test_smoke_preset_runs_end_to_end_with_a_checkpoint_each_step(tmp_path):
 @pytest.mark.slow
 def test_resumed_run_equals_an_uninterrupted_one(toy, tmp_path):
     run(toy, tmp_path / "straight")
-    crashed = run(toy + ["--save_every", "1"], tmp_path / "resumed", {"MEDRLVR_FAULT": "raise@3"}, check=False)
+    crashed = run(toy + ["--save_every", "1"], tmp_path / "resumed", faults="raise@3", check=False)
     assert crashed.returncode != 0 and "injected fault at step 3" in crashed.stderr
     run(toy + ["--save_every", "1", "--resume"], tmp_path / "resumed")
     assert_same_metrics(metrics(tmp_path / "straight"), metrics(tmp_path / "resumed"))
-    same = [(tmp_path / d / "rollouts.jsonl").read_text() for d in ("straight", "resumed")]
-    assert same[0] == same[1]
+    assert same_file(tmp_path / "straight", tmp_path / "resumed")
 
 
 @pytest.mark.slow
 def test_the_loop_learns_a_small_verifiable_task_and_not_with_lr_zero(toy, tmp_path):
     run(toy + ["--max_steps", "40", "--save_every", "100"], tmp_path / "learn")
-    run(toy + ["--max_steps", "15", "--save_every", "100", "--actor_lr", "0", "--critic_lr", "0"], tmp_path / "frozen")
+    run(toy + ["--max_steps", "15", "--save_every", "100", "--actor_lr", "0", "--critic_lr", "0"],
+        tmp_path / "frozen")
     learn, frozen = metrics(tmp_path / "learn"), metrics(tmp_path / "frozen")
     start = sum(m["reward"] for m in learn[:3]) / 3
     assert start < -0.6  # a random 12-token model rarely writes "X</answer>"
@@ -142,15 +146,17 @@ def test_the_loop_learns_a_small_verifiable_task_and_not_with_lr_zero(toy, tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flags", [["--advantage", "grpo"], ["--advantage", "drgrpo", "--loss_agg", "seq-mean-token-sum-norm"],
+@pytest.mark.parametrize("flags", [["--advantage", "grpo"],
+                                   ["--advantage", "drgrpo", "--loss_agg", "seq-mean-token-sum-norm"],
                                    ["--advantage", "rloo", "--kl_in_reward", "false"],
-                                   ["--kl_target", "0.5", "--loss_agg", "seq-mean", "--entropy_coef", "0.01"]])
+                                   ["--kl_target", "0.5", "--loss_agg", "seq-mean",
+                                    "--entropy_coef", "0.01"]])
 def test_other_algorithm_choices_run(toy, tmp_path, flags):
     run(toy + flags + ["--max_steps", "3", "--save_every", "3"], tmp_path)
     m = metrics(tmp_path)
     assert len(m) == 3
-    if "--advantage" in flags:
-        assert not (tmp_path / "checkpoints" / "step_000003" / "critic").exists()  # critic-free: no critic at all
+    if "--advantage" in flags:  # critic-free: no critic at all
+        assert not (tmp_path / "checkpoints" / "step_000003" / "critic").exists()
         assert all("value_loss" not in x for x in m)
     if "--kl_target" in flags:
         assert m[-1]["kl_coef"] != 0.01  # the adaptive controller moved beta
@@ -158,42 +164,55 @@ def test_other_algorithm_choices_run(toy, tmp_path, flags):
 
 @pytest.mark.slow
 def test_critic_free_step_with_no_signal_is_skipped(toy, tmp_path):
-    # a frozen random model mostly scores -1 on every sample of a group: such a group carries zero advantage,
-    # and a step where every group does (with the KL as a loss term, not in the advantages) is skipped
-    run(toy + ["--advantage", "grpo", "--n_samples_per_prompt", "2", "--rollout_batch_size", "2", "--train_batch_size", "4",
-               "--max_steps", "6", "--save_every", "6", "--actor_lr", "0", "--kl_in_reward", "false"], tmp_path)
+    # a frozen random model mostly scores -1 on every sample of a group: such a group carries no
+    # advantage, and a step where every group does (the KL a loss term, not in the advantages) is
+    # skipped
+    run(toy + ["--advantage", "grpo", "--n_samples_per_prompt", "2", "--rollout_batch_size", "2",
+               "--train_batch_size", "4", "--max_steps", "6", "--save_every", "6",
+               "--actor_lr", "0", "--kl_in_reward", "false"], tmp_path)
     skipped = [m for m in metrics(tmp_path) if m.get("skipped") == "all advantages zero"]
     assert skipped and all("policy_loss" not in m for m in skipped)
 
 
 @pytest.mark.slow
 def test_packed_forwards_give_the_padded_run(toy, tmp_path):
-    """--pack_samples (each prompt once for its 4 samples, the default) against padded rows: the same samples,
-    rewards and losses through 3 steps of PPO with a critic, up to float rounding."""
+    """--pack_samples (each prompt once for its 4 samples, the default) against padded rows: the
+    same samples, rewards and losses through 3 steps of PPO with a critic, up to float rounding."""
     run(toy + ["--max_steps", "3", "--save_every", "3"], tmp_path / "packed")
-    run(toy + ["--max_steps", "3", "--save_every", "3", "--pack_samples", "false"], tmp_path / "padded")
+    run(toy + ["--max_steps", "3", "--save_every", "3", "--pack_samples", "false"],
+        tmp_path / "padded")
     assert_same_metrics(metrics(tmp_path / "packed"), metrics(tmp_path / "padded"), rel=1e-5)
-    assert (tmp_path / "packed" / "rollouts.jsonl").read_text() == (tmp_path / "padded" / "rollouts.jsonl").read_text()
+    assert same_file(tmp_path / "packed", tmp_path / "padded")
+
+
+@pytest.mark.slow
+def test_the_plain_engine_gives_the_fast_engines_run(toy, tmp_path):
+    """--engine plain (rollout.generate, the teaching core) samples what the fast engine samples: the
+    same responses and rewards, and the same losses up to float rounding."""
+    run(toy + ["--max_steps", "3", "--save_every", "3"], tmp_path / "fast")
+    run(toy + ["--max_steps", "3", "--save_every", "3", "--engine", "plain"], tmp_path / "plain")
+    assert_same_metrics(metrics(tmp_path / "fast"), metrics(tmp_path / "plain"), rel=1e-5)
+    assert same_file(tmp_path / "fast", tmp_path / "plain")
 
 
 @pytest.mark.slow
 def test_two_processes_give_the_same_run_as_one(toy, tmp_path):
-    """FSDP2 over 2 gloo ranks vs one plain process, same global batch. fp32 on CPU: every sample is identical
-    (per-row sampling noise), and the only difference is summation order (a gradient is reduced from two halves
-    instead of summed at once), a relative error ~1e-7 per operation: 1e-5 over 4 steps is tight yet safe."""
+    """FSDP2 over 2 gloo ranks vs one plain process, same global batch. fp32 on CPU: every sample is
+    identical (per-row sampling noise), and the only difference is summation order (a gradient is
+    reduced from two halves instead of summed at once), a relative error ~1e-7 per operation: 1e-5
+    over 4 steps is tight yet safe."""
     from transformers import AutoModelForCausalLM
     run(toy, tmp_path / "one")
     run(toy, tmp_path / "two", torchrun=2)
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert_same_metrics(one, two, rel=1e-5)
-    assert (tmp_path / "one" / "rollouts.jsonl").read_text() == (tmp_path / "two" / "rollouts.jsonl").read_text()
+    assert same_file(tmp_path / "one", tmp_path / "two")
     # the checkpoint written by 2 processes loads in 1 and gives the 1-process run's logits
     ids = torch.tensor([[5, 6, 7, 8, 4, 9, 10]])
-    logits = [AutoModelForCausalLM.from_pretrained(tmp_path / d / "checkpoints" / "step_000004" / "policy")(ids).logits
-              for d in ("one", "two")]
+    logits = [AutoModelForCausalLM.from_pretrained(tmp_path / d / "checkpoints" / "step_000004" /
+                                                   "policy")(ids).logits for d in ("one", "two")]
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
     # and a run saved by 2 processes resumes in 1, continuing exactly
-    import shutil
     shutil.copytree(tmp_path / "two", tmp_path / "two_then_one")
     shutil.rmtree(tmp_path / "two_then_one" / "checkpoints" / "step_000004")
     run(toy + ["--resume"], tmp_path / "two_then_one")
