@@ -5,9 +5,9 @@ Figure 3).
         --out runs/eval_base
     python eval.py --compare runs/eval_base runs/eval_ppo runs/eval_sft [--plot compare.png]
 
-Decoding is greedy (temperature 0) through rollout.generate, batched, with prompts sorted by length
-so that a batch wastes little padding (the output keeps the data set's order). Scoring depends on
-the prompt style:
+Decoding is greedy (temperature 0) through engine.generate (--engine plain: rollout.generate, the
+same tokens), batched, with prompts sorted by length so that a batch wastes little padding (the
+output keeps the data set's order). Scoring depends on the prompt style:
 
 - r1 styles (r1, r1_think, r1_chat, r1_chat_1shot): verifier.verify(PROMPT_PREFILL[style] +
   response, gold, options), the reward the policy was trained on; generation stops at "</answer>".
@@ -38,9 +38,10 @@ from tqdm import tqdm
 
 import checkpoint
 import data
-import model as model_lib
+import engine
 import rollout
 import verifier
+from model import load_policy
 
 # Scored by verify(): the study's <think>...</think><answer>...</answer> format.
 R1_STYLES = {style for style in data.PROMPT_STYLES if style.startswith("r1")}
@@ -150,8 +151,10 @@ def resolve_model(name_or_path: str) -> str:
 
 @torch.no_grad()
 def predict(policy, tokenizer, records: list[dict], style: str, batch_size: int,
-            max_new_tokens: int, device: str, desc: str = "") -> list[dict]:
-    """Greedy responses to every record, scored; returned in the records' order."""
+            max_new_tokens: int, device: str, desc: str = "",
+            generate=engine.generate) -> list[dict]:
+    """Greedy responses to every record, scored; returned in the records' order. `generate`:
+    engine.generate or rollout.generate (the same tokens)."""
     prompts = [data.build_prompt(record, style, tokenizer) for record in records]
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])  # similar lengths share a batch
@@ -165,10 +168,9 @@ def predict(policy, tokenizer, records: list[dict], style: str, batch_size: int,
         batch_prompts = [prompts[i] for i in batch]
         # [B, P], left padded
         input_ids, attention_mask, _, _ = data.tokenize_prompts(tokenizer, batch_prompts, None)
-        out = rollout.generate(policy, input_ids.to(device), attention_mask.to(device),
-                               max_new_tokens, temperature=0.0,
-                               eos_token_id=tokenizer.eos_token_id, stop_strings=stop,
-                               tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id)
+        out = generate(policy, input_ids.to(device), attention_mask.to(device), max_new_tokens,
+                       temperature=0.0, eos_token_id=tokenizer.eos_token_id, stop_strings=stop,
+                       tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id)
         response_ids = out.sequences[:, input_ids.shape[1]:]  # [B, T]
         for row, i in enumerate(batch):
             n_generated[i] = int(out.response_mask[row].sum())
@@ -325,6 +327,8 @@ def parse_args(argv=None):
                         help="seeds the bootstrap (decoding is greedy)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    parser.add_argument("--engine", default="fast", choices=["fast", "plain"],
+                        help="fast: engine.generate | plain: rollout.generate (the same tokens)")
     parser.add_argument("--compare", nargs="+", metavar="DIR",
                         help="print the side-by-side table of these eval folders")
     parser.add_argument("--plot",
@@ -351,7 +355,7 @@ def main(argv=None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     run_start = time.time()
     args.model_path = resolve_model(args.model)
-    policy, tokenizer = model_lib.load_policy(args.model_path, dtype=args.dtype, device=args.device)
+    policy, tokenizer = load_policy(args.model_path, dtype=args.dtype, device=args.device)
     policy.eval()
     config = {key: value for key, value in vars(args).items() if key not in ("compare", "plot")}
     results = {"config": {**config, "bootstrap_resamples": BOOTSTRAP_RESAMPLES}, "sets": {}}
@@ -363,7 +367,8 @@ def main(argv=None) -> None:
                 sys.exit(f"eval.py: {error}")
             set_start = time.time()
             preds = predict(policy, tokenizer, records, args.prompt, args.batch_size,
-                            args.max_new_tokens, args.device, desc=name)
+                            args.max_new_tokens, args.device, desc=name,
+                            generate=engine.generate if args.engine == "fast" else rollout.generate)
             for pred in preds:
                 predictions_file.write(json.dumps({"data": name, **pred}) + "\n")
             results["sets"][name] = {**metrics(preds, args.seed),

@@ -308,6 +308,8 @@ class UpdateStats:
         for name, metric in (("policy", "actor_grad_norm"), ("critic", "critic_grad_norm")):
             if self.grad_norms[name]:
                 out[metric] = sum(self.grad_norms[name]) / len(self.grad_norms[name])
+        if self.nonfinite_updates:  # the step counts as skipped (common.StepLoop counts it)
+            out["skipped"] = f"{self.nonfinite_updates} non-finite gradient(s)"
         return out
 
 

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-import eval as ev
+import eval as evaluation  # `eval` itself would hide the builtin
 
 OPTIONS = {"A": "Artificial tears", "B": "Ketotifen eye drops", "C": "Oral prednisone",
            "D": "Topical erythromycin"}
@@ -21,9 +21,9 @@ def test_bootstrap_std_equals_explicit_loop():
     rng = np.random.default_rng(7)
     idx = rng.integers(0, len(correct), size=(1000, len(correct)))
     direct = np.std([correct[idx[b]].mean() for b in range(1000)])  # one resample at a time
-    assert ev.bootstrap_std(correct, 1000, seed=7) == pytest.approx(direct, abs=1e-15)
+    assert evaluation.bootstrap_std(correct, 1000, seed=7) == pytest.approx(direct, abs=1e-15)
     # Seeded: the same figure again, from a list this time.
-    assert ev.bootstrap_std(correct, 1000, seed=7) == ev.bootstrap_std(list(correct), 1000, seed=7)
+    assert evaluation.bootstrap_std(correct, 1000, seed=7) == evaluation.bootstrap_std(list(correct), 1000, seed=7)
 
 
 def test_bootstrap_std_close_to_binomial():
@@ -31,27 +31,27 @@ def test_bootstrap_std_close_to_binomial():
     correct = np.arange(n) < round(p * n)
     # The std of a mean of n Bernoulli(p): ~1.7 points, the study's bars.
     expected = math.sqrt(p * (1 - p) / n)
-    assert ev.bootstrap_std(correct) == pytest.approx(expected, rel=0.1)
-    assert ev.bootstrap_std([1] * 50) == 0.0 and ev.bootstrap_std([]) == 0.0
+    assert evaluation.bootstrap_std(correct) == pytest.approx(expected, rel=0.1)
+    assert evaluation.bootstrap_std([1] * 50) == 0.0 and evaluation.bootstrap_std([]) == 0.0
 
 
 def test_score_r1_uses_prefill_and_verifier():
     # "<think>" was in the prompt.
-    scored = ev.score("Allergic conjunctivitis.</think><answer>B</answer>", RECORD, "r1_chat")
+    scored = evaluation.score("Allergic conjunctivitis.</think><answer>B</answer>", RECORD, "r1_chat")
     flags = (scored["format_ok"], scored["pred"], scored["correct"], scored["reward"])
     assert flags == (True, "B", True, 1.0)
-    scored = ev.score("The answer is B.", RECORD, "r1")
+    scored = evaluation.score("The answer is B.", RECORD, "r1")
     assert scored["format_ok"] is False and scored["reward"] == -1.0 and not scored["correct"]
 
 
 def test_score_direct_and_cot_read_the_letter():
-    scored = ev.score("B", RECORD, "direct")
+    scored = evaluation.score("B", RECORD, "direct")
     flags = (scored["format_ok"], scored["pred"], scored["correct"], scored["reward"])
     assert flags == (True, "B", True, 1.0)
-    scored = ev.score("I am not sure.", RECORD, "direct")
+    scored = evaluation.score("I am not sure.", RECORD, "direct")
     # format rate = a letter was found
     assert (scored["format_ok"], scored["pred"], scored["reward"]) == (False, None, 0.0)
-    scored = ev.score("Option A is tempting, but itching means allergy. The answer is B.", RECORD,
+    scored = evaluation.score("Option A is tempting, but itching means allergy. The answer is B.", RECORD,
                       "cot")
     assert (scored["pred"], scored["correct"]) == ("B", True)
 
@@ -67,12 +67,12 @@ def test_metrics_and_breakdowns():
                         (True, True, "B")])
     for pred, step in zip(preds, ["step1", "step1", "step2&3", "step2&3"]):
         pred["meta"] = {"step": step}
-    m = ev.metrics(preds)
+    m = evaluation.metrics(preds)
     assert (m["n"], m["accuracy"], m["format_rate"], m["no_letter_rate"]) == (4, 0.5, 0.75, 0.25)
     for pred, n_options in zip(preds, [4, 4, 5, 10]):
         pred["n_options"] = n_options
-    assert ev.metrics(preds)["chance"] == pytest.approx((1 / 4 + 1 / 4 + 1 / 5 + 1 / 10) / 4)
-    by = ev.breakdowns(preds)
+    assert evaluation.metrics(preds)["chance"] == pytest.approx((1 / 4 + 1 / 4 + 1 / 5 + 1 / 10) / 4)
+    by = evaluation.breakdowns(preds)
     assert set(by) == {"by_step"}
     assert by["by_step"]["step1"]["accuracy"] == 0.5
     assert by["by_step"]["step2&3"]["n"] == 2
@@ -90,7 +90,7 @@ def test_compare_table(tmp_path, capsys):
     write_run(tmp_path / "base", "direct",
               {"medqa_test": (0.235, 0.012), "mmlu_pro_health": (0.251, 0.015)})
     write_run(tmp_path / "ppo", "r1", {"medqa_test": (0.492, 0.014)})
-    ev.main(["--compare", str(tmp_path / "base"), str(tmp_path / "ppo")])
+    evaluation.main(["--compare", str(tmp_path / "base"), str(tmp_path / "ppo")])
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "| run | medqa_test | mmlu_pro_health |"
     assert lines[2] == "| base (direct) | 23.5 ± 1.2 | 25.1 ± 1.5 |"
@@ -104,7 +104,7 @@ def test_eval_end_to_end_tiny_model(tmp_path):
     questions."""
     out = tmp_path / "run"
     t0 = time.time()
-    ev.main(["--model", "tiny-qwen2", "--data", "medqa_test", "--prompt", "r1", "--limit", "8",
+    evaluation.main(["--model", "tiny-qwen2", "--data", "medqa_test", "--prompt", "r1", "--limit", "8",
              "--out", str(out), "--max_new_tokens", "16", "--batch_size", "3", "--device", "cpu"])
     assert time.time() - t0 < 60
     results = json.loads((out / "results.json").read_text())
@@ -129,26 +129,26 @@ def test_compare_plot_optional(tmp_path, monkeypatch):
     dirs = [str(tmp_path / "a"), str(tmp_path / "b")]
     try:
         import matplotlib  # noqa: F401
-        assert ev.compare_plot(dirs, str(tmp_path / "c.png"))
+        assert evaluation.compare_plot(dirs, str(tmp_path / "c.png"))
         assert (tmp_path / "c.png").stat().st_size > 1000
     except ImportError:
         pass
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import now raises ImportError
-    assert ev.compare_plot(dirs, str(tmp_path / "d.png")) is False
+    assert evaluation.compare_plot(dirs, str(tmp_path / "d.png")) is False
     assert not (tmp_path / "d.png").exists()
 
 
 def test_score_reads_only_the_answer_not_an_invented_continuation():
-    scored = ev.score(" B\n\nQuestion: A 45-year-old man ...\nA. x\nB. y\nAnswer: C", RECORD,
+    scored = evaluation.score(" B\n\nQuestion: A 45-year-old man ...\nA. x\nB. y\nAnswer: C", RECORD,
                       "direct")
     assert scored["pred"] == "B"
-    scored = ev.score("B. Ketotifen eye drops\n\nExplanation: A and C are wrong.", RECORD,
+    scored = evaluation.score("B. Ketotifen eye drops\n\nExplanation: A and C are wrong.", RECORD,
                       "direct")
     assert scored["pred"] == "B"
-    scored = ev.score("A. Artificial tears\nB. Ketotifen eye drops\nC. Oral", RECORD,
+    scored = evaluation.score("A. Artificial tears\nB. Ketotifen eye drops\nC. Oral", RECORD,
                       "direct_chat")
     assert scored["pred"] is None
-    scored = ev.score("The answer is not obvious. Itching means allergy. The answer is B.\n"
+    scored = evaluation.score("The answer is not obvious. Itching means allergy. The answer is B.\n"
                       "Question: ... The answer is C.", RECORD, "cot")
     assert scored["pred"] == "B"
 
@@ -157,8 +157,8 @@ def test_resolve_model_finds_the_newest_policy_of_a_run(tmp_path):
     for step in (2, 10):
         (tmp_path / "run" / "checkpoints" / f"step_{step:06d}" / "policy").mkdir(parents=True)
     newest = str(tmp_path / "run" / "checkpoints" / "step_000010" / "policy")
-    assert ev.resolve_model(str(tmp_path / "run")) == newest
-    assert ev.resolve_model(str(tmp_path / "run" / "checkpoints")) == newest
-    step_policy = ev.resolve_model(str(tmp_path / "run" / "checkpoints" / "step_000002"))
+    assert evaluation.resolve_model(str(tmp_path / "run")) == newest
+    assert evaluation.resolve_model(str(tmp_path / "run" / "checkpoints")) == newest
+    step_policy = evaluation.resolve_model(str(tmp_path / "run" / "checkpoints" / "step_000002"))
     assert step_policy.endswith("step_000002/policy")
-    assert ev.resolve_model("smollm2-135m") == "smollm2-135m"
+    assert evaluation.resolve_model("smollm2-135m") == "smollm2-135m"

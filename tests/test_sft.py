@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import data
-import model as M
 import model_zoo
 import rollout
-import train_sft as S
+import train_sft
 import verifier
+from model import load_policy, position_ids_from_mask
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMING_KEYS = {"time_step", "tokens_per_s"}  # the only metrics allowed to differ between identical runs
@@ -48,8 +48,8 @@ def smoke(tmp_path_factory):
 # ---- the batch: prompt left padded, target right padded, loss only on the letter and the EOS -------------------
 def test_examples_are_the_direct_prompt_then_space_letter_eos(data_dir):
     _, tok = model_zoo.load_tiny()
-    cfg = S.parse_config(["--preset", "smoke", "--train_data", "medqa_dev"])
-    examples = S.load_examples(cfg, tok, log=print)
+    cfg = train_sft.parse_config(["--preset", "smoke", "--train_data", "medqa_dev"])
+    examples = train_sft.load_examples(cfg, tok, log=print)
     rec = data.load_dataset("medqa_dev")[0]
     assert tok.decode(examples[0]["prompt"]) == data.build_prompt(rec, "direct")  # ends with "Answer:"
     assert tok.decode(examples[0]["prompt"]).endswith("Answer:")
@@ -60,7 +60,7 @@ def test_make_batch_puts_loss_weight_on_target_tokens_only():
     pad = 99
     examples = [{"prompt": [1, 2, 3, 4], "target": [10, 11, 12]},  # target of 3 tokens (" ", "C", EOS)
                 {"prompt": [5, 6], "target": [13, 14]}]  # shorter prompt and shorter target
-    ids, attn, mask = S.make_batch(examples, pad)
+    ids, attn, mask = train_sft.make_batch(examples, pad)
     assert ids.tolist() == [[1, 2, 3, 4, 10, 11, 12], [pad, pad, 5, 6, 13, 14, pad]]
     assert attn.tolist() == [[1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 0]]
     assert mask.tolist() == [[1, 1, 1], [1, 1, 0]]  # the last T = 3 columns: targets, never prompt or pad
@@ -73,10 +73,10 @@ def test_target_logprobs_are_those_of_the_last_tokens_and_the_mask_drops_the_pad
     torch.manual_seed(0)
     model, _ = model_zoo.load_tiny()
     ex = [{"prompt": [5, 6, 7, 8], "target": [3, 38, 0]}, {"prompt": [9, 10], "target": [3, 0]}]
-    ids, attn, mask = S.make_batch(ex, pad_id=1)
-    logp, hit = S.target_logprobs(model, ids, attn, mask.shape[1])  # [2, 3]
+    ids, attn, mask = train_sft.make_batch(ex, pad_id=1)
+    logp, hit = train_sft.target_logprobs(model, ids, attn, mask.shape[1])  # [2, 3]
     full = torch.log_softmax(model(input_ids=ids, attention_mask=attn,
-                                   position_ids=M.position_ids_from_mask(attn)).logits.float(), -1)  # [2, L, V]
+                                   position_ids=position_ids_from_mask(attn)).logits.float(), -1)  # [2, L, V]
     expect = full[:, -4:-1].gather(-1, ids[:, -3:, None]).squeeze(-1)  # [2, 3] log pi of the last 3 tokens
     assert torch.allclose(logp, expect, atol=1e-5)
     assert torch.equal(hit, full[:, -4:-1].argmax(-1) == ids[:, -3:])
@@ -85,20 +85,20 @@ def test_target_logprobs_are_those_of_the_last_tokens_and_the_mask_drops_the_pad
 
 # ---- the data order and the loss normalisation -------------------------------------------------------------------
 def test_flags_override_the_preset_and_help_prints(capsys):
-    cfg = S.parse_config(["--preset", "smoke", "--lr", "1e-4", "--resume"])
+    cfg = train_sft.parse_config(["--preset", "smoke", "--lr", "1e-4", "--resume"])
     assert (cfg.model, cfg.lr, cfg.resume, cfg.train_batch_size) == ("tiny-qwen2", 1e-4, True, 8)
     with pytest.raises(SystemExit) as e:
-        S.parse_config(["--help"])
+        train_sft.parse_config(["--help"])
     assert e.value.code == 0 and "--train_batch_size" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        S.parse_config(["--prompt_style", "r1"])  # SFT answers directly
+        train_sft.parse_config(["--prompt_style", "r1"])  # SFT answers directly
 
 
 def test_step_rows_same_global_batch_for_any_world_and_one_permutation_per_epoch():
-    cfg = S.parse_config(["--preset", "smoke", "--train_batch_size", "4"])
+    cfg = train_sft.parse_config(["--preset", "smoke", "--train_batch_size", "4"])
     n = 10  # batches of 4 straddle the epoch boundary at 10
-    one = [S.step_rows(cfg, n, s, 0, 1) for s in range(1, 6)]  # 20 rows: exactly two epochs
-    two = [S.step_rows(cfg, n, s, 0, 2) + S.step_rows(cfg, n, s, 1, 2) for s in range(1, 6)]
+    one = [train_sft.step_rows(cfg, n, s, 0, 1) for s in range(1, 6)]  # 20 rows: exactly two epochs
+    two = [train_sft.step_rows(cfg, n, s, 0, 2) + train_sft.step_rows(cfg, n, s, 1, 2) for s in range(1, 6)]
     assert one == two
     flat = [i for rows in one for i in rows]
     assert sorted(flat[:10]) == sorted(flat[10:]) == list(range(10))
@@ -113,10 +113,10 @@ def test_micro_batching_does_not_change_the_loss_or_the_gradient():
     out = {}
     for micro in (1, 4, 6):
         model, _ = model_zoo.load_tiny()
-        cfg = S.parse_config(["--preset", "smoke", "--micro_batch_size", str(micro)])
+        cfg = train_sft.parse_config(["--preset", "smoke", "--micro_batch_size", str(micro)])
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
-        out[micro] = S.train_step(cfg, batch, model.train(), opt, sched, tok.pad_token_id, 1,
+        out[micro] = train_sft.train_step(cfg, batch, model.train(), opt, sched, tok.pad_token_id, 1,
                                   torch.device("cpu"))
     for micro in (4, 6):
         for k in ("loss", "grad_norm", "token_acc", "letter_acc"):
@@ -147,8 +147,8 @@ def test_resume_from_a_middle_checkpoint_repeats_the_uninterrupted_run(data_dir,
     assert "resuming from" in p.stderr and "step_000004" in p.stderr
     drop = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
     assert drop(read_metrics(out)) == drop(read_metrics(smoke))
-    a, _ = M.load_policy(str(smoke / "checkpoints/step_000008/policy"))
-    b, _ = M.load_policy(str(out / "checkpoints/step_000008/policy"))
+    a, _ = load_policy(str(smoke / "checkpoints/step_000008/policy"))
+    b, _ = load_policy(str(out / "checkpoints/step_000008/policy"))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
@@ -180,7 +180,7 @@ def test_checkpoint_loads_with_load_policy_and_greedy_decoding_answers_the_train
     run_sft("--preset", "smoke", "--out_dir", out, "--train_data", path, "--max_steps", 16, "--min_lr_ratio", 1,
             "--save_every", 16)
     assert read_metrics(out)[-1]["letter_acc"] == 1.0
-    policy, tok = M.load_policy(str(out / "checkpoints/step_000016/policy"))
+    policy, tok = load_policy(str(out / "checkpoints/step_000016/policy"))
     prompts = [data.build_prompt(r, "direct") for r in records[:4]]
     ids, attn, _, _ = data.tokenize_prompts(tok, prompts, None)  # [4, P] left padded, as eval.py
     with torch.no_grad():
