@@ -14,11 +14,11 @@ matters):
               teaching core (rollout.generate) on benchmarks/rollout_bench.py's workloads; prefill
               seconds, and decode ms/step vs the bound bandwidth / (weight bytes + KV cache bytes)
   update      the PPO update of train_ppo.ppo_step (step 7: actor log-probs + policy_loss, critic
-              values + value_loss, backward, AdamW) on a synthetic step
-              (benchmarks/update_bench.py), vs a plain transformers
-              forward + backward (logits, cross-entropy; critic logits, MSE) + AdamW on the same
-              rows: unique prompts (ours' overhead), then prompts shared by --update_group samples
-              (packed and padded); ratio, MFU = 6 x parameters x tokens computed / s / measured peak
+              values + value_loss, backward, AdamW) on a synthetic step (benchmarks/update_bench.py)
+              vs a plain transformers forward + backward (logits, cross-entropy; critic logits,
+              MSE) + AdamW on the same rows: unique prompts (ours' overhead), then prompts shared
+              by --update_group samples (packed and padded); ratio, MFU = 6 x parameters x tokens
+              computed / s / measured peak
   step        one whole PPO step of the demo preset (python -m benchmarks.ppo_step runs
               train_ppo.main), padded rows then packed (the default), same samples: the time_*
               fields of metrics.jsonl, and the step's peak RSS against weights + gradients + AdamW
@@ -201,9 +201,9 @@ def bench_update(args, limits):
     n_params = count_parameters(policy) + count_parameters(critic)
     rows = []
     for group in (1, args.update_group):
-        exp = update_bench.update_batch(len(tok), B, args.prompt_len, args.response_len,
-                           samples_per_prompt=group)
-        exp = {k: v.to(device) for k, v in exp.items()}
+        synthetic = update_bench.update_batch(len(tok), B, args.prompt_len, args.response_len,
+                                              samples_per_prompt=group)
+        exp = {k: v.to(device) for k, v in synthetic.items()}  # what steps 1-4 would leave
         runs = {"plain": functools.partial(update_bench.plain_update, models, exp, mb, device)}
         # tokens each one computes: the plain loop every column of every row; ours trims
         # micro-batches or packs them

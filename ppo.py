@@ -108,7 +108,7 @@ def critic_free_advantages(scores, kl, mask, n, kind, kl_coef):
 def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps, agg="token-mean", denom=None):
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), to be minimised:
         ratio = pi(a|s) / pi_old(a|s);  L = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)
-    stats: clipfrac (share of tokens whose ratio left the clip range) and approx_kl (k3, old vs new)."""
+    stats: clipfrac (share of tokens whose ratio left the clip range), approx_kl (k3 to pi_old)."""
     log_ratio = logprobs - old_logprobs  # [B, T]
     ratio = torch.exp(log_ratio)  # [B, T]
     surr1 = ratio * advantages  # [B, T]
@@ -134,8 +134,8 @@ def value_loss(values, old_values, returns, mask, clip_eps, agg="token-mean", de
 
 def aggregate(loss, mask, agg="token-mean", denom=None):
     """Reduce a per-token loss [B, T] to a scalar. `denom` overrides the local count (tokens for
-    token-mean, sequences otherwise) so that micro-batches and ranks add up to the mean over the whole
-    minibatch."""
+    token-mean, sequences otherwise) so that micro-batches and ranks add up to the mean over the
+    whole minibatch."""
     if agg == "token-mean":
         return (loss * mask).sum() / (denom if denom is not None else mask.sum().clamp(min=1))
     if agg == "seq-mean":
@@ -152,7 +152,8 @@ def masked_mean(x, mask, dim=None):
 
 
 def adaptive_kl(kl_coef, observed_kl, target, horizon, n_steps):
-    """Ziegler et al. 2019, section 2.2: beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)."""
+    """The adaptive KL controller of Ziegler et al. 2019 (section 2.2):
+        beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)"""
     error = max(-0.2, min(0.2, observed_kl / target - 1))
     return kl_coef * (1 + error * n_steps / horizon)
 

@@ -14,9 +14,9 @@ Workloads (pick with --workloads):
   smollm2-b8, -b32, -b128  SmolLM2-135M-Instruct (model.load_policy("smollm2-135m")), fp32 (bf16
                            on a GPU), the first 8 / 32 / 128 MedQA dev questions as r1_chat prompts,
                            stop at "</answer>" or EOS.
-  random-b32               a random Qwen2 (hidden 256, 4 layers) with the character vocabulary of
-                           model_zoo.py, EOS in it, temperature 1: rows end at very different
-                           lengths.
+  random-b32               a random Qwen2 (hidden 256, 4 layers) with the ~100-token character
+                           vocabulary of model_zoo.py, EOS in it, temperature 1: rows end at very
+                           different lengths.
 
 Run from the repository root:
   python -m benchmarks.rollout_bench                          # smollm2-b8, smollm2-b32, random-b32

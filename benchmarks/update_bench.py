@@ -11,7 +11,7 @@ update_batch's docstring. The time is the PhaseTimer's "update" phase: step 7 al
 import time
 
 import torch
-import torch.nn.functional as F
+from torch.nn.functional import cross_entropy, mse_loss
 
 import common
 import experience
@@ -121,11 +121,11 @@ def plain_update(models, rows, micro_batch, device) -> float:
         ids = seq[s:s + micro_batch]  # [mb, L]
         with autocast_on(device):
             logits = policy(input_ids=ids).logits  # [mb, L, V]
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+            loss = cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
         loss.backward()
         with autocast_on(device):
             v = critic(input_ids=ids).logits[..., 0]  # [mb, L]
-            loss = F.mse_loss(v.float(), torch.zeros_like(v, dtype=torch.float32))
+            loss = mse_loss(v.float(), torch.zeros_like(v, dtype=torch.float32))
         loss.backward()
     for name, m in models.trained().items():
         torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)

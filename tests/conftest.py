@@ -9,7 +9,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the project is flat files at the top level, not a package
 
-# The real benchmark files are never committed; CI sets MEDRLVR_DATA, and a checkout next to ../shared works too.
+# The real benchmark files are never committed; CI sets MEDRLVR_DATA, and a checkout next to
+# ../shared works too.
 if "MEDRLVR_DATA" not in os.environ and (ROOT.parent / "shared" / "data").is_dir():
     os.environ["MEDRLVR_DATA"] = str(ROOT.parent / "shared" / "data")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,8 +25,8 @@ def data_dir() -> Path:
     return Path(d)
 
 
-# The toy task of the training-run tests (test_train_ppo.py, test_faults.py): a 12-token model learns
-# "Pick C" -> "C</answer>" after the prefilled "<think></think><answer>", in seconds.
+# The toy task of the training-run tests (test_train_ppo.py, test_faults.py): a 12-token model
+# learns "Pick C" -> "C</answer>" after the prefilled "<think></think><answer>", in seconds.
 TOY_QUESTIONS = [{"id": f"q{i}", "question": f"Pick {'ABCD'[i % 4]}",
                   "options": {"A": "x", "B": "y", "C": "z", "D": "w"}, "answer": "ABCD"[i % 4],
                   "source": "toy", "meta": {}} for i in range(16)]
@@ -44,8 +45,8 @@ def toy(tmp_path_factory):
             "--train_data", str(folder / "toy.jsonl"), "--prompt_style", "direct",
             "--prefill", "<think></think><answer>", "--rollout_batch_size", "8",
             "--n_samples_per_prompt", "4", "--train_batch_size", "16", "--micro_batch_size", "4",
-            "--max_new_tokens", "4", "--actor_lr", "3e-3", "--critic_lr", "3e-3", "--ppo_epochs", "2",
-            "--max_steps", "4", "--save_every", "2"]
+            "--max_new_tokens", "4", "--actor_lr", "3e-3", "--critic_lr", "3e-3",
+            "--ppo_epochs", "2", "--max_steps", "4", "--save_every", "2"]
 
 
 def trainer_command(script: str, args: list, faults: str = "", torchrun: int = 0) -> list:

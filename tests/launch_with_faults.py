@@ -1,4 +1,5 @@
-"""Test-only launcher: a trainer run with faults injected from outside, by replacing functions it calls.
+"""Test-only launcher: a trainer run with faults injected from outside, by replacing functions
+it calls.
 
     python tests/launch_with_faults.py FAULTS train_ppo.py FLAGS...
     torchrun --nproc_per_node=2 tests/launch_with_faults.py FAULTS train_ppo.py FLAGS...

@@ -14,17 +14,18 @@ import model_zoo
 
 
 def tiny_training_state():
-    m, tok = model_zoo.load_tiny(chars="ABCD:", seed=0)
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    m(torch.tensor([[1, 2, 3]])).logits.sum().backward()
-    opt.step()
-    return {"policy": m}, {"policy": opt}, {"policy": sched}, tok
+    policy, tokenizer = model_zoo.load_tiny(chars="ABCD:", seed=0)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    policy(torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    optimizer.step()
+    return {"policy": policy}, {"policy": optimizer}, {"policy": scheduler}, tokenizer
 
 
 def save(root, step, state):
-    models, opts, scheds, tok = state
-    checkpoint.save_training(root, step, models, opts, scheds, tok, {"note": "test"}, {"kl_coef": 0.01})
+    models, opts, scheds, tokenizer = state
+    checkpoint.save_training(root, step, models, opts, scheds, tokenizer, {"note": "test"},
+                             {"kl_coef": 0.01})
 
 
 def test_nonfinite_weights_are_never_written(tmp_path):
@@ -32,24 +33,30 @@ def test_nonfinite_weights_are_never_written(tmp_path):
     save(tmp_path, 1, state)
     with torch.no_grad():
         next(state[0]["policy"].parameters())[0, 0] = float("inf")
-    with pytest.raises(checkpoint.CheckpointError, match="step 2: the weights hold NaN or inf; refusing"):
+    with pytest.raises(checkpoint.CheckpointError,
+                       match="step 2: the weights hold NaN or inf; refusing"):
         save(tmp_path, 2, state)
-    assert [p.name for p in tmp_path.iterdir()] == ["step_000001"] and checkpoint.verify(tmp_path / "step_000001") == []
+    assert [p.name for p in tmp_path.iterdir()] == ["step_000001"]
+    assert checkpoint.verify(tmp_path / "step_000001") == []
 
 
 def test_leftovers_of_killed_saves_are_ignored_then_removed(tmp_path):
-    """A kill mid-save leaves step_N.tmp-*; mid-replace of a step, step_N.old-*; mid-delete of an old step
-    (keep_last), step_N.del-*. None of them is a checkpoint to resume from; the next save removes them all."""
+    """A kill mid-save leaves step_N.tmp-*; mid-replace of a step, step_N.old-*; mid-delete of an
+    old step (keep_last), step_N.del-*. None of them is a checkpoint to resume from; the next save
+    removes them all."""
     state = tiny_training_state()
     save(tmp_path, 1, state)
-    for name in ("step_000002.tmp-0a1b2c3d", "step_000001.old-0a1b2c3d", "step_000000.del-0a1b2c3d"):
-        shutil.copytree(tmp_path / "step_000001", tmp_path / name)  # complete-looking, manifest and all
+    leftover_names = ("step_000002.tmp-0a1b2c3d", "step_000001.old-0a1b2c3d",
+                      "step_000000.del-0a1b2c3d")
+    for name in leftover_names:
+        # complete-looking, manifest and all
+        shutil.copytree(tmp_path / "step_000001", tmp_path / name)
     assert checkpoint.list_checkpoints(tmp_path) == [tmp_path / "step_000001"]
     assert checkpoint.find_resumable(tmp_path) == tmp_path / "step_000001"
-    models, opts, scheds, tok = state
-    checkpoint.save_training(tmp_path, 2, models, opts, scheds, tok, {}, {"kl_coef": 0.01}, keep_last=1)
+    models, opts, scheds, tokenizer = state
+    checkpoint.save_training(tmp_path, 2, models, opts, scheds, tokenizer, {}, {"kl_coef": 0.01},
+                             keep_last=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000002"]
-
 
 
 @pytest.fixture
@@ -57,8 +64,8 @@ def tmpfs(tmp_path):
     """A tmpfs mounted for the test (real ENOSPC and EROFS, for root too), unmounted after it."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    if not shutil.which("mount") or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)],
-                                                   capture_output=True).returncode:
+    mount = ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)]
+    if not shutil.which("mount") or subprocess.run(mount, capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (needs CAP_SYS_ADMIN)")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=False)
@@ -73,52 +80,70 @@ def used_kb(path) -> int:
     return (st.f_blocks - st.f_bfree) * st.f_frsize // 1024
 
 
-@pytest.mark.parametrize("fault", ["full in the model files", "full in the optimizer shards", "read-only"])
+@pytest.mark.parametrize("fault", ["full in the model files", "full in the optimizer shards",
+                                   "read-only"])
 def test_checkpoint_write_failure_keeps_the_previous_one(tmpfs, fault):
     state = tiny_training_state()
     save(tmpfs, 1, state)
     first = tmpfs / "step_000001"
-    # room for 64 KB (the model file is ~300 KB), or for everything but the optimizer shards (~600 KB)
-    all_but_optim_kb = sum(p.stat().st_size for p in first.rglob("*") if "optim" not in p.parts) // 1024
-    free_kb = {"full in the model files": 64, "full in the optimizer shards": all_but_optim_kb + 100}.get(fault)
+    # Room for 64 KB, less than the model file alone, or for everything but the optimizer shards
+    # and 100 KB more, far less than the shards need.
+    all_but_optim_kb = sum(p.stat().st_size for p in first.rglob("*")
+                           if "optim" not in p.parts) // 1024
+    free_kb = {"full in the model files": 64,
+               "full in the optimizer shards": all_but_optim_kb + 100}.get(fault)
     remount(tmpfs, f"size={used_kb(tmpfs) + free_kb}k" if free_kb else "ro")
     with pytest.raises(checkpoint.CheckpointError) as err:
         save(tmpfs, 2, state)
     msg = str(err.value)
-    assert msg.startswith(f"could not write checkpoint {tmpfs}/step_000002: ") and "\n" not in msg, msg
-    assert {"full in the model files": "SafetensorError: Error while serializing: I/O error: No space left on device",
-            "full in the optimizer shards": "No space left on device",
-            "read-only": "Read-only file system"}[fault] in msg and "MiB free there" in msg
-    if fault == "full in the optimizer shards":  # torch.distributed.checkpoint's error: a BaseException
+    assert msg.startswith(f"could not write checkpoint {tmpfs}/step_000002: "), msg
+    assert "\n" not in msg, msg
+    expected = {"full in the model files": "SafetensorError: Error while serializing: I/O error: "
+                                           "No space left on device",
+                "full in the optimizer shards": "No space left on device",
+                "read-only": "Read-only file system"}[fault]
+    assert expected in msg
+    assert "MiB free there" in msg
+    if fault == "full in the optimizer shards":
+        # torch.distributed.checkpoint's error: a BaseException
         assert type(err.value.__cause__).__name__ == "CheckpointException"
     assert msg.endswith("the previous checkpoints are intact")
     remount(tmpfs, "rw")
-    assert [p.name for p in tmpfs.iterdir()] == ["step_000001"] and checkpoint.verify(first) == []
+    assert [p.name for p in tmpfs.iterdir()] == ["step_000001"]
+    assert checkpoint.verify(first) == []
 
 
 def test_checkpoint_folder_that_is_a_file(tmp_path):
     (tmp_path / "checkpoints").write_text("not a folder")
-    with pytest.raises(checkpoint.CheckpointError, match=f"could not write checkpoint {tmp_path}/checkpoints/step_000001: "):
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=f"could not write checkpoint {tmp_path}/checkpoints/step_000001: "):
         save(tmp_path / "checkpoints", 1, tiny_training_state())
 
 
+def _flip(path):
+    blob = bytearray(path.read_bytes())
+    blob[-1] ^= 1
+    path.write_bytes(bytes(blob))
 
-def _flip(p):
-    b = bytearray(p.read_bytes())
-    b[-1] ^= 1
-    p.write_bytes(bytes(b))
 
-
-CORRUPTIONS = {  # what happens to the newest checkpoint -> the words verify() must say
-    "a flipped bit in the optimizer shard": (lambda ck: _flip(ck / "optim" / "__0_0.distcp"), "__0_0.distcp: sha256 differs"),
-    "a truncated model file": (lambda ck: os.truncate(ck / "policy" / "model.safetensors", 100), "model.safetensors: 100 bytes"),
-    "a deleted file": (lambda ck: (ck / "trainer_state.json").unlink(), "trainer_state.json: missing"),
+# what happens to the newest checkpoint -> the words verify() must say
+CORRUPTIONS = {
+    "a flipped bit in the optimizer shard": (lambda ck: _flip(ck / "optim" / "__0_0.distcp"),
+                                             "__0_0.distcp: sha256 differs"),
+    "a truncated model file": (lambda ck: os.truncate(ck / "policy" / "model.safetensors", 100),
+                               "model.safetensors: 100 bytes"),
+    "a deleted file": (lambda ck: (ck / "trainer_state.json").unlink(),
+                       "trainer_state.json: missing"),
     "no manifest": (lambda ck: (ck / "MANIFEST.json").unlink(), "MANIFEST.json: missing"),
-    "a manifest cut short": (lambda ck: os.truncate(ck / "MANIFEST.json", 50), "MANIFEST.json: unreadable"),
-    "a manifest of the wrong shape": (lambda ck: (ck / "MANIFEST.json").write_text('{"files": {"rng.pt": 3}}'),
-                                      "MANIFEST.json: unreadable"),
-    "a manifest that is a list": (lambda ck: (ck / "MANIFEST.json").write_text("[1, 2]"), "MANIFEST.json: unreadable"),
-    "a manifest listing nothing": (lambda ck: (ck / "MANIFEST.json").write_text('{"files": {}}'), "lists no files"),
+    "a manifest cut short": (lambda ck: os.truncate(ck / "MANIFEST.json", 50),
+                             "MANIFEST.json: unreadable"),
+    "a manifest of the wrong shape":
+        (lambda ck: (ck / "MANIFEST.json").write_text('{"files": {"rng.pt": 3}}'),
+         "MANIFEST.json: unreadable"),
+    "a manifest that is a list": (lambda ck: (ck / "MANIFEST.json").write_text("[1, 2]"),
+                                  "MANIFEST.json: unreadable"),
+    "a manifest listing nothing": (lambda ck: (ck / "MANIFEST.json").write_text('{"files": {}}'),
+                                   "lists no files"),
 }
 
 
@@ -138,13 +163,14 @@ def test_find_resumable_detects_each_corruption(case, two_checkpoints, tmp_path)
     corrupt, words = CORRUPTIONS[case]
     corrupt(root / "step_000002")
     problems = checkpoint.verify(root / "step_000002")
-    assert len(problems) == 1 and words in problems[0], problems
+    assert len(problems) == 1, problems
+    assert words in problems[0], problems
     with pytest.raises(checkpoint.CheckpointError, match="failed verification"):
         checkpoint.find_resumable(root)
     said = []
     assert checkpoint.find_resumable(root, fallback=True, log=said.append) == root / "step_000001"
     assert words in said[0]
     corrupt(root / "step_000001")
-    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint under .* passes verification"):
+    with pytest.raises(checkpoint.CheckpointError,
+                       match="no checkpoint under .* passes verification"):
         checkpoint.find_resumable(root, fallback=True, log=said.append)
-

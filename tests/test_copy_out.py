@@ -104,7 +104,8 @@ def test_a_standalone_file_works_copied_out_alone(name, tmp_path):
     for file in [name, *needs]:
         shutil.copy(ROOT / file, tmp_path / file)
     (tmp_path / "check.py").write_text(textwrap.dedent(check))
-    # -E: ignore PYTHONPATH, -s: no user site; the script's folder is the only project folder on the path
+    # -E: ignore PYTHONPATH, -s: no user site; the script's folder is then the only project folder
+    # on the path
     p = subprocess.run([sys.executable, "-E", "-s", "check.py"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0 and p.stdout.strip().endswith("OK"), p.stderr[-3000:]

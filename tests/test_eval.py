@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import eval as evaluation  # `eval` itself would hide the builtin
+from data import load_dataset
 
 OPTIONS = {"A": "Artificial tears", "B": "Ketotifen eye drops", "C": "Oral prednisone",
            "D": "Topical erythromycin"}
@@ -19,11 +20,12 @@ RECORD = {"id": "q1", "question": "?", "options": OPTIONS, "answer": "B", "sourc
 def test_bootstrap_std_equals_explicit_loop():
     correct = np.random.default_rng(1).random(301) < 0.4  # [n] a fake 0/1 correctness vector
     rng = np.random.default_rng(7)
-    idx = rng.integers(0, len(correct), size=(1000, len(correct)))
-    direct = np.std([correct[idx[b]].mean() for b in range(1000)])  # one resample at a time
+    resamples = rng.integers(0, len(correct), size=(1000, len(correct)))
+    direct = np.std([correct[resamples[i]].mean() for i in range(1000)])  # one resample at a time
     assert evaluation.bootstrap_std(correct, 1000, seed=7) == pytest.approx(direct, abs=1e-15)
     # Seeded: the same figure again, from a list this time.
-    assert evaluation.bootstrap_std(correct, 1000, seed=7) == evaluation.bootstrap_std(list(correct), 1000, seed=7)
+    from_list = evaluation.bootstrap_std(list(correct), 1000, seed=7)
+    assert evaluation.bootstrap_std(correct, 1000, seed=7) == from_list
 
 
 def test_bootstrap_std_close_to_binomial():
@@ -37,7 +39,8 @@ def test_bootstrap_std_close_to_binomial():
 
 def test_score_r1_uses_prefill_and_verifier():
     # "<think>" was in the prompt.
-    scored = evaluation.score("Allergic conjunctivitis.</think><answer>B</answer>", RECORD, "r1_chat")
+    response = "Allergic conjunctivitis.</think><answer>B</answer>"
+    scored = evaluation.score(response, RECORD, "r1_chat")
     flags = (scored["format_ok"], scored["pred"], scored["correct"], scored["reward"])
     assert flags == (True, "B", True, 1.0)
     scored = evaluation.score("The answer is B.", RECORD, "r1")
@@ -51,8 +54,8 @@ def test_score_direct_and_cot_read_the_letter():
     scored = evaluation.score("I am not sure.", RECORD, "direct")
     # format rate = a letter was found
     assert (scored["format_ok"], scored["pred"], scored["reward"]) == (False, None, 0.0)
-    scored = evaluation.score("Option A is tempting, but itching means allergy. The answer is B.", RECORD,
-                      "cot")
+    scored = evaluation.score("Option A is tempting, but itching means allergy. The answer is B.",
+                              RECORD, "cot")
     assert (scored["pred"], scored["correct"]) == ("B", True)
 
 
@@ -67,15 +70,17 @@ def test_metrics_and_breakdowns():
                         (True, True, "B")])
     for pred, step in zip(preds, ["step1", "step1", "step2&3", "step2&3"]):
         pred["meta"] = {"step": step}
-    m = evaluation.metrics(preds)
-    assert (m["n"], m["accuracy"], m["format_rate"], m["no_letter_rate"]) == (4, 0.5, 0.75, 0.25)
+    metrics = evaluation.metrics(preds)
+    rates = (metrics["n"], metrics["accuracy"], metrics["format_rate"], metrics["no_letter_rate"])
+    assert rates == (4, 0.5, 0.75, 0.25)
     for pred, n_options in zip(preds, [4, 4, 5, 10]):
         pred["n_options"] = n_options
-    assert evaluation.metrics(preds)["chance"] == pytest.approx((1 / 4 + 1 / 4 + 1 / 5 + 1 / 10) / 4)
-    by = evaluation.breakdowns(preds)
-    assert set(by) == {"by_step"}
-    assert by["by_step"]["step1"]["accuracy"] == 0.5
-    assert by["by_step"]["step2&3"]["n"] == 2
+    chance = (1 / 4 + 1 / 4 + 1 / 5 + 1 / 10) / 4  # the mean of 1 / options
+    assert evaluation.metrics(preds)["chance"] == pytest.approx(chance)
+    breakdowns = evaluation.breakdowns(preds)
+    assert set(breakdowns) == {"by_step"}
+    assert breakdowns["by_step"]["step1"]["accuracy"] == 0.5
+    assert breakdowns["by_step"]["step2&3"]["n"] == 2
 
 
 def write_run(path, prompt, sets):
@@ -103,23 +108,23 @@ def test_eval_end_to_end_tiny_model(tmp_path):
     """results.json agrees with predictions.jsonl, on a random tiny model and 8 real MedQA
     questions."""
     out = tmp_path / "run"
-    t0 = time.time()
-    evaluation.main(["--model", "tiny-qwen2", "--data", "medqa_test", "--prompt", "r1", "--limit", "8",
-             "--out", str(out), "--max_new_tokens", "16", "--batch_size", "3", "--device", "cpu"])
-    assert time.time() - t0 < 60
+    started = time.time()
+    evaluation.main(["--model", "tiny-qwen2", "--data", "medqa_test", "--prompt", "r1",
+                     "--limit", "8", "--out", str(out), "--max_new_tokens", "16",
+                     "--batch_size", "3", "--device", "cpu"])
+    assert time.time() - started < 60
     results = json.loads((out / "results.json").read_text())
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    m = results["sets"]["medqa_test"]
-    assert m["n"] == len(preds) == 8
-    assert m["accuracy"] == pytest.approx(np.mean([p["correct"] for p in preds]))
-    assert m["mean_reward"] == pytest.approx(np.mean([p["reward"] for p in preds]))
-    assert m["format_rate"] == pytest.approx(np.mean([p["format_ok"] for p in preds]))
-    from data import load_dataset
+    medqa = results["sets"]["medqa_test"]
+    assert medqa["n"] == len(preds) == 8
+    assert medqa["accuracy"] == pytest.approx(np.mean([p["correct"] for p in preds]))
+    assert medqa["mean_reward"] == pytest.approx(np.mean([p["reward"] for p in preds]))
+    assert medqa["format_rate"] == pytest.approx(np.mean([p["format_ok"] for p in preds]))
     # The data set's order is restored after the length-sorted batches.
     assert [p["id"] for p in preds] == [r["id"] for r in load_dataset("medqa_test")[:8]]
-    assert m["chance"] == 0.25  # medqa_test has four options
-    assert set(m["by_step"]) <= {"step1", "step2&3"}
-    assert sum(group["n"] for group in m["by_step"].values()) == 8
+    assert medqa["chance"] == 0.25  # medqa_test has four options
+    assert set(medqa["by_step"]) <= {"step1", "step2&3"}
+    assert sum(group["n"] for group in medqa["by_step"].values()) == 8
 
 
 def test_compare_plot_optional(tmp_path, monkeypatch):
@@ -139,17 +144,17 @@ def test_compare_plot_optional(tmp_path, monkeypatch):
 
 
 def test_score_reads_only_the_answer_not_an_invented_continuation():
-    scored = evaluation.score(" B\n\nQuestion: A 45-year-old man ...\nA. x\nB. y\nAnswer: C", RECORD,
-                      "direct")
+    scored = evaluation.score(" B\n\nQuestion: A 45-year-old man ...\nA. x\nB. y\nAnswer: C",
+                              RECORD, "direct")
     assert scored["pred"] == "B"
     scored = evaluation.score("B. Ketotifen eye drops\n\nExplanation: A and C are wrong.", RECORD,
-                      "direct")
+                              "direct")
     assert scored["pred"] == "B"
     scored = evaluation.score("A. Artificial tears\nB. Ketotifen eye drops\nC. Oral", RECORD,
-                      "direct_chat")
+                              "direct_chat")
     assert scored["pred"] is None
-    scored = evaluation.score("The answer is not obvious. Itching means allergy. The answer is B.\n"
-                      "Question: ... The answer is C.", RECORD, "cot")
+    scored = evaluation.score("The answer is not obvious. Itching means allergy. The answer is B."
+                              "\nQuestion: ... The answer is C.", RECORD, "cot")
     assert scored["pred"] == "B"
 
 

@@ -1,28 +1,29 @@
 """Faults injected into real training runs: what a long run on a shared machine meets, and that
 nothing is lost.
 
-  1. SIGKILL in the middle of a step and in the middle of a checkpoint write: the last complete checkpoint
-     passes its manifest check, `--resume` continues from it, and the resumed run logs exactly the metrics
-     (and rollouts) of a run never killed; half-written log lines and leftover folders are dropped;
-  2. SIGTERM and Ctrl-C: the step in flight finishes, a checkpoint is written, exit code 0 with a message
-     (a second Ctrl-C stops at once);
+  1. SIGKILL in the middle of a step and in the middle of a checkpoint write: the last complete
+     checkpoint passes its manifest check, `--resume` continues from it, and the resumed run logs
+     exactly the metrics (and rollouts) of a run never killed; half-written log lines and leftover
+     folders are dropped;
+  2. SIGTERM and Ctrl-C: the step in flight finishes, a checkpoint is written, exit code 0 with a
+     message (a second Ctrl-C stops at once);
   3. a non-finite reward, loss or gradient: the step is skipped and logged; too many in a row stop
      the run with an error, and no checkpoint ever holds a non-finite tensor;
   4. a file-size limit while a checkpoint is written: a one-line error naming the checkpoint folder,
      the previous checkpoint untouched (a full or read-only disk: tests/test_checkpoint.py);
   5. malformed data files, through data.load_mcqa and through the train_ppo.py command line;
-  6. under torchrun: a rank that raises, dies or hangs ends the whole job, within the collective timeout;
-     SIGTERM to torchrun stops every rank after a checkpoint;
+  6. under torchrun: a rank that raises, dies or hangs ends the whole job, within the collective
+     timeout; SIGTERM to torchrun stops every rank after a checkpoint;
   7. a corrupted checkpoint: `--resume` refuses naming the file, `--resume_fallback` steps back one.
 A fault is injected by tests/launch_with_faults.py, which replaces a function the trainer calls
 (nothing in the trainers knows of it), or by a signal, a resource limit, a damaged file.
-The verifier fed hostile strings (odd gold labels and option tables, tags split by whitespace, any short
-pattern repeated into a long response) is at the end of tests/test_verifier.py.
+The verifier fed hostile strings (odd gold labels and option tables, tags split by whitespace, any
+short pattern repeated into a long response) is at the end of tests/test_verifier.py.
 
 Training runs are subprocesses on the toy task of conftest.py (a 12-token model, 6 steps of 32
-samples, a second or so of compute a run) with OMP_NUM_THREADS=1, which makes them deterministic on
-CPU, so "equal" below means equal, not close. The command-line disk test uses RLIMIT_FSIZE, which the
-kernel enforces for root too.
+samples) with OMP_NUM_THREADS=1, which makes them deterministic on CPU, so "equal" below means
+equal, not close. The command-line disk test uses RLIMIT_FSIZE, which the kernel enforces for root
+too.
 """
 import json
 import os
@@ -46,9 +47,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 STEPS = 6
 
 
-# =========================================================================================================
-# The toy run, a reference run never interrupted, and helpers to start, watch and kill training processes
-# =========================================================================================================
+# ==================================================================================================
+# The toy run, a reference run never interrupted, and helpers to start, watch and kill runs
+# ==================================================================================================
 @pytest.fixture(scope="module")
 def toy(toy):
     """conftest.py's toy run, 6 steps, a checkpoint after each (add --out_dir)."""
@@ -63,36 +64,40 @@ STARTED = []  # every process group this file starts; none outlives its test (se
 
 
 def start(args, out, fault="", torchrun=0, preexec_fn=None):
-    """A training process in the background, in a process group of its own (torchrun and its workers go
-    together); its stdout and stderr go to OUT.log (a pipe nobody reads would fill up and block it)."""
+    """A training process in the background, in a process group of its own (torchrun and its workers
+    go together); its stdout and stderr go to OUT.log (a pipe nobody reads would fill up and block
+    it)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{out}.log", "w") as log:
-        p = subprocess.Popen(command(args, out, fault, torchrun), cwd=ROOT, env=ENV,
-                             stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn, start_new_session=True)
-    p.log_path = Path(f"{out}.log")
-    STARTED.append(p)
-    return p
+        process = subprocess.Popen(command(args, out, fault, torchrun), cwd=ROOT, env=ENV,
+                                   stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn,
+                                   start_new_session=True)
+    process.log_path = Path(f"{out}.log")
+    STARTED.append(process)
+    return process
 
 
 @pytest.fixture(autouse=True)
 def no_process_left_behind():
     yield
     while STARTED:
-        p = STARTED.pop()
+        process = STARTED.pop()
         try:
-            os.killpg(p.pid, signal.SIGKILL)  # the group: a failed test may leave torchrun's workers running
+            # the group: a failed test may leave torchrun's workers running
+            os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        p.wait()
+        process.wait()
 
 
-def finish(p, timeout=120) -> tuple[int, str]:
+def finish(process, timeout=120) -> tuple[int, str]:
     """Wait for the process; (exit code, everything it printed)."""
     try:
-        rc = p.wait(timeout=timeout)
+        rc = process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise AssertionError(f"still running after {timeout} s:\n{p.log_path.read_text()[-3000:]}") from None
-    return rc, p.log_path.read_text()
+        raise AssertionError(f"still running after {timeout} s:\n"
+                             f"{process.log_path.read_text()[-3000:]}") from None
+    return rc, process.log_path.read_text()
 
 
 def train(args, out, fault="", rc=0, **kw) -> str:
@@ -102,14 +107,14 @@ def train(args, out, fault="", rc=0, **kw) -> str:
     return text
 
 
-def wait_until(cond, p, timeout=120, poll=0.005):
+def wait_until(cond, process, timeout=120, poll=0.005):
     t0 = time.time()
     while not cond():
-        if p.poll() is not None:
-            raise AssertionError(f"the process ended (exit {p.returncode}) before the moment to inject the fault:\n"
-                                 f"{p.log_path.read_text()[-3000:]}")
+        if process.poll() is not None:
+            raise AssertionError(f"the process ended (exit {process.returncode}) before the moment "
+                                 f"to inject the fault:\n{process.log_path.read_text()[-3000:]}")
         if time.time() - t0 > timeout:
-            raise AssertionError(f"timed out waiting:\n{p.log_path.read_text()[-3000:]}")
+            raise AssertionError(f"timed out waiting:\n{process.log_path.read_text()[-3000:]}")
         time.sleep(poll)
 
 
@@ -120,8 +125,10 @@ def n_lines(path: Path) -> int:
 def metrics(out) -> list:
     """metrics.jsonl without its wall-clock fields, as comparable strings (NaN == NaN here)."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [json.dumps({k: v for k, v in m.items() if not k.startswith(("time_", "tokens_per_s"))}, sort_keys=True)
-            for m in rows]
+    wall_clock = ("time_", "tokens_per_s")
+    return [json.dumps({k: v for k, v in row.items() if not k.startswith(wall_clock)},
+                       sort_keys=True)
+            for row in rows]
 
 
 def rollouts(out) -> list:
@@ -133,14 +140,15 @@ def steps_of(out) -> list:
 
 
 def leftovers(out) -> list:
-    return sorted(p.name for p in (out / "checkpoints").iterdir() if not checkpoint.STEP_RE.match(p.name))
+    folder = out / "checkpoints"
+    return sorted(p.name for p in folder.iterdir() if not checkpoint.STEP_RE.match(p.name))
 
 
 def assert_clean_exit_message(text: str, *words):
     """A message the user can act on, not a Python traceback from deep inside."""
     assert "Traceback" not in text, text[-3000:]
-    for w in words:
-        assert w in text, (w, text[-3000:])
+    for word in words:
+        assert word in text, (word, text[-3000:])
 
 
 @pytest.fixture(scope="module")
@@ -154,25 +162,28 @@ def reference(toy, tmp_path_factory):
 
 def assert_same_run(out, reference):
     assert metrics(out) == metrics(reference)
-    assert rollouts(out) == rollouts(reference)  # every step logged exactly once, nothing lost or doubled
+    # every step logged exactly once, nothing lost or doubled
+    assert rollouts(out) == rollouts(reference)
 
 
-# =========================================================================================================
+# ==================================================================================================
 # 1. SIGKILL: in the middle of a step, in the middle of a checkpoint write
-# =========================================================================================================
+# ==================================================================================================
 @pytest.mark.slow
 def test_sigkill_mid_step_resumes_exactly(toy, reference, tmp_path):
     out = tmp_path / "run"
-    args = toy + ["--save_every", "2"]  # checkpoints at steps 2, 4, 6: step 3's line appears, step 4 begins
-    p = start(args, out)
-    wait_until(lambda: n_lines(out / "metrics.jsonl") >= 3, p)
-    p.kill()
-    finish(p)
+    # checkpoints at steps 2, 4, 6: step 3's line appears, step 4 begins
+    args = toy + ["--save_every", "2"]
+    process = start(args, out)
+    wait_until(lambda: n_lines(out / "metrics.jsonl") >= 3, process)
+    process.kill()
+    finish(process)
     last = checkpoint.list_checkpoints(out / "checkpoints")[-1]
-    assert steps_of(out)[-1] in (2, 4)  # killed in step 4 (almost always) or, on a slow machine, just after it
+    # killed in step 4 (almost always) or, on a slow machine, just after it
+    assert steps_of(out)[-1] in (2, 4)
     assert checkpoint.verify(last) == [] and model.load_policy(str(last / "policy"))[0] is not None
-    # A kill in the middle of writing rollouts.jsonl (thousands of lines a step, written in 8 KB chunks)
-    # leaves half a line, possibly half a UTF-8 character: resume must drop it, not choke on it.
+    # A kill in the middle of writing rollouts.jsonl (thousands of lines a step, written in 8 KB
+    # chunks) leaves half a line, maybe half a UTF-8 character: resume must drop it, not choke.
     with open(out / "rollouts.jsonl", "ab") as f:
         f.write('{"step": 5, "id": "q1", "response": "caf\u00e9'.encode()[:-1])
     with open(out / "metrics.jsonl", "ab") as f:
@@ -186,48 +197,56 @@ def test_sigkill_mid_step_resumes_exactly(toy, reference, tmp_path):
 @pytest.mark.slow
 def test_sigkill_mid_checkpoint_write_leaves_the_previous_one_sound(toy, reference, tmp_path):
     out = tmp_path / "run"
-    # slow_save@3: step 3's checkpoint, fully written into its .tmp- folder but not yet published, waits 60 s
-    p = start(toy, out, fault="slow_save@3")
-    wait_until(lambda: any((out / "checkpoints").glob("step_000003.tmp-*/optim/.metadata")), p)
-    p.kill()
-    finish(p)
+    checkpoints = out / "checkpoints"
+    # slow_save@3: step 3's checkpoint waits 60 s, fully written in its .tmp- folder, unpublished
+    process = start(toy, out, fault="slow_save@3")
+    wait_until(lambda: any(checkpoints.glob("step_000003.tmp-*/optim/.metadata")), process)
+    process.kill()
+    finish(process)
     assert steps_of(out) == [1, 2] and leftovers(out)[0].startswith("step_000003.tmp-")
-    assert checkpoint.verify(out / "checkpoints" / "step_000002") == []
-    assert checkpoint.find_resumable(out / "checkpoints") == out / "checkpoints" / "step_000002"  # the .tmp- is ignored
+    assert checkpoint.verify(checkpoints / "step_000002") == []
+    # the .tmp- is ignored
+    assert checkpoint.find_resumable(checkpoints) == checkpoints / "step_000002"
     text = train(toy + ["--resume"], out)
-    assert f"resuming from {out / 'checkpoints' / 'step_000002'}" in text
+    assert f"resuming from {checkpoints / 'step_000002'}" in text
     assert_same_run(out, reference)
     assert leftovers(out) == []  # the next save removed it
 
 
-# =========================================================================================================
+# ==================================================================================================
 # 2. SIGTERM and Ctrl-C: finish the step, save, say so, exit 0
-# =========================================================================================================
+# ==================================================================================================
 @pytest.mark.slow
 def test_sigterm_ctrl_c_and_a_second_ctrl_c_then_resume_exactly(toy, reference, tmp_path):
     out = tmp_path / "run"
-    args = toy + ["--save_every", "100"]  # no periodic checkpoints: only the stop (and the end) save one
+    # no periodic checkpoints: only the stop (and the end) save one
+    args = toy + ["--save_every", "100"]
     for sig, resume in ((signal.SIGTERM, []), (signal.SIGINT, ["--resume"])):
         before = n_lines(out / "metrics.jsonl")
-        p = start(args + resume, out)
-        wait_until(lambda: n_lines(out / "metrics.jsonl") > before, p)  # a step of this process is done
-        p.send_signal(sig)
-        rc, text = finish(p)
+        process = start(args + resume, out)
+        # a step of this process is done
+        wait_until(lambda: n_lines(out / "metrics.jsonl") > before, process)
+        process.send_signal(sig)
+        rc, text = finish(process)
         step = n_lines(out / "metrics.jsonl")
         assert rc == 0, text[-3000:]
         assert step < STEPS, "the run ended before the signal: nothing was tested"
-        assert steps_of(out)[-1] == step and checkpoint.verify(checkpoint.list_checkpoints(out / "checkpoints")[-1]) == []
+        assert steps_of(out)[-1] == step
+        assert checkpoint.verify(checkpoint.list_checkpoints(out / "checkpoints")[-1]) == []
         assert_clean_exit_message(text, f"stopped by {sig.name} after step {step}; checkpoint "
-                                        f"{out}/checkpoints/step_{step:06d} written; continue with --resume")
-    # An impatient second Ctrl-C stops at once, here in the middle of the next checkpoint write (held open
-    # 60 s by slow_save): no waiting, and what it leaves behind is a .tmp- folder, nothing worse.
-    p = start(args + ["--resume", "--save_every", "1"], out, fault=f"slow_save@{step + 1}")
-    wait_until(lambda: any((out / "checkpoints").glob(f"step_{step + 1:06d}.tmp-*/optim/.metadata")), p)
+                                        f"{out}/checkpoints/step_{step:06d} written; "
+                                        "continue with --resume")
+    # An impatient second Ctrl-C stops at once, here in the middle of the next checkpoint write
+    # (held open 60 s by slow_save): no waiting, and what it leaves behind is a .tmp- folder,
+    # nothing worse.
+    unpublished = f"step_{step + 1:06d}.tmp-*/optim/.metadata"
+    process = start(args + ["--resume", "--save_every", "1"], out, fault=f"slow_save@{step + 1}")
+    wait_until(lambda: any((out / "checkpoints").glob(unpublished)), process)
     t0 = time.time()
-    p.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGINT)
     time.sleep(0.5)
-    p.send_signal(signal.SIGINT)
-    rc, text = finish(p)
+    process.send_signal(signal.SIGINT)
+    rc, text = finish(process)
     assert rc != 0 and "KeyboardInterrupt" in text and time.time() - t0 < 10
     assert steps_of(out)[-1] == step and leftovers(out)[0].startswith(f"step_{step + 1:06d}.tmp-")
     train(args + ["--resume"], out)
@@ -235,15 +254,15 @@ def test_sigterm_ctrl_c_and_a_second_ctrl_c_then_resume_exactly(toy, reference, 
     assert leftovers(out) == []
 
 
-# =========================================================================================================
+# ==================================================================================================
 # 3. Non-finite reward, loss, gradient
-# =========================================================================================================
+# ==================================================================================================
 def all_tensors(folder: Path):
     """Every tensor a checkpoint holds: both models' weights and the optimizer's state."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    for f in sorted(folder.rglob("*.safetensors")):
-        yield from ((f"{f.relative_to(folder)}:{k}", v) for k, v in load_file(f).items())
+    for path in sorted(folder.rglob("*.safetensors")):
+        yield from ((f"{path.relative_to(folder)}:{k}", v) for k, v in load_file(path).items())
     flat = folder.parent.parent / f"{folder.name}-optim.pt"  # beside checkpoints/, not in it
     dcp_to_torch_save(folder / "optim", flat)
     stack = [("optim", torch.load(flat, weights_only=False))]
@@ -260,76 +279,94 @@ def all_tensors(folder: Path):
 @pytest.mark.slow
 def test_nonfinite_steps_are_skipped_then_stop_the_run(toy, tmp_path):
     out = tmp_path / "run"
-    # step 2: NaN reward; step 3 fine (resets the count); steps 4, 5, 6 NaN loss / reward / loss: 3 in a row
+    # step 2: NaN reward; step 3 fine (resets the count);
+    # steps 4, 5, 6: NaN loss, reward, loss, 3 in a row
     text = train(toy + ["--keep_last", "0", "--max_nonfinite_steps", "3"], out, rc=1,
                  fault="nan_reward@2,nan_loss@4,nan_reward@5,nan_loss@6")
     assert_clean_exit_message(text, "step 2: update skipped (non-finite reward)",
                               "step 4: update skipped (4 non-finite gradient(s))",
-                              "step 6: 3 steps in a row skipped for non-finite rewards, losses or gradients "
-                              "(--max_nonfinite_steps 3); stopping")
+                              "step 6: 3 steps in a row skipped for non-finite rewards, losses "
+                              "or gradients (--max_nonfinite_steps 3); stopping")
     logged = {m["step"]: m for m in map(json.loads, metrics(out))}
     assert [s for s, m in logged.items() if "skipped" in m] == [2, 4, 5, 6]
     assert logged[2]["skipped"] == "non-finite reward" and "nonfinite_updates" not in logged[2]
-    assert logged[4]["nonfinite_updates"] == 4  # 2 minibatches x 2 PPO epochs, no optimizer step taken
+    # 2 minibatches x 2 PPO epochs, no optimizer step taken
+    assert logged[4]["nonfinite_updates"] == 4
     assert steps_of(out) == [1, 2, 3, 4, 5]  # step 6 stopped the run before its checkpoint
     weights = {}
     for folder in checkpoint.list_checkpoints(out / "checkpoints"):
         tensors = dict(all_tensors(folder))
         assert len(tensors) > 40 and any(k.startswith("optim.") for k in tensors)
-        bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        bad = [k for k, t in tensors.items()
+               if t.is_floating_point() and not torch.isfinite(t).all()]
         assert bad == [], (folder, bad)
         weights[int(folder.name[5:])] = {k: t for k, t in tensors.items() if ".safetensors:" in k}
-    same = lambda a, b: all(torch.equal(weights[a][k], weights[b][k]) for k in weights[a])  # noqa: E731
-    assert same(1, 2) and same(3, 4) and same(4, 5)  # a skipped step leaves the weights exactly as they were
-    assert not same(2, 3)  # and a normal step does change them
+
+    def same_weights(step, other_step):
+        return all(torch.equal(weights[step][k], weights[other_step][k]) for k in weights[step])
+
+    # a skipped step leaves the weights exactly as they were
+    assert same_weights(1, 2)
+    assert same_weights(3, 4)
+    assert same_weights(4, 5)
+    assert not same_weights(2, 3)  # and a normal step does change them
 
 
-# =========================================================================================================
-# 4. A full disk, a read-only folder, a file-size limit: a clear error, the previous checkpoint intact
-# =========================================================================================================
+# ==================================================================================================
+# 4. A file-size limit: a clear error, the previous checkpoint intact
+# ==================================================================================================
 @pytest.mark.slow
 def test_checkpoint_write_failure_on_the_command_line(toy, reference, tmp_path):
-    """The run resumes from step 6, trains step 7, and cannot write its checkpoint: the kernel refuses to grow
-    any file past 90% of a model file's size (RLIMIT_FSIZE), which the logs stay below. One clear line, exit 1."""
+    """The run resumes from step 6, trains step 7, and cannot write its checkpoint: the kernel
+    refuses to grow any file past 90% of a model file's size (RLIMIT_FSIZE), which the logs stay
+    below. One clear line, exit 1."""
     out = tmp_path / "run"
     shutil.copytree(reference, out)
-    limit = int(0.9 * (out / "checkpoints" / f"step_{STEPS:06d}" / "policy" / "model.safetensors").stat().st_size)
-    assert (out / "rollouts.jsonl").stat().st_size * (STEPS + 2) / STEPS < limit  # else the logs would hit it first
+    model_file = out / "checkpoints" / f"step_{STEPS:06d}" / "policy" / "model.safetensors"
+    limit = int(0.9 * model_file.stat().st_size)
+    # else the logs would hit the limit first
+    assert (out / "rollouts.jsonl").stat().st_size * (STEPS + 2) / STEPS < limit
 
     def limit_file_size():  # in the child, before exec: EFBIG instead of the default SIGXFSZ kill
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     text = train(toy + ["--resume", "--max_steps", "7"], out, rc=1, preexec_fn=limit_file_size)
-    assert_clean_exit_message(text, f"error: could not write checkpoint {out}/checkpoints/step_000007: ",
+    assert_clean_exit_message(text, "error: could not write checkpoint "
+                                    f"{out}/checkpoints/step_000007: ",
                               "File too large", "the previous checkpoints are intact")
     assert steps_of(out)[-1] == 6 and checkpoint.verify(out / "checkpoints" / "step_000006") == []
     assert leftovers(out) == []
 
 
-# =========================================================================================================
+# ==================================================================================================
 # 5. Malformed data: the same one-line message from data.load_mcqa and from the command line
-# =========================================================================================================
-GOOD = {"id": "q0", "question": "Pick A", "options": {"A": "x", "B": "y", "C": "z", "D": "w"}, "answer": "A"}
+# ==================================================================================================
+GOOD = {"id": "q0", "question": "Pick A", "options": {"A": "x", "B": "y", "C": "z", "D": "w"},
+        "answer": "A"}
 
 
 def line(**change) -> str:
     return json.dumps({k: v for k, v in {**GOOD, **change}.items() if v is not None}) + "\n"
 
 
+PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256))
+# two records, the second's JSON escape \u00e9 turned into the character's Latin-1 byte
+LATIN_1 = (line() + line(id="q1", question="Caf\u00e9?")).encode().replace(b"\\u00e9", b"\xe9")
+
 # name: (file name, bytes, line the message names, words it must hold)
 BAD_DATA = {
-    "truncated JSON line": ("t.jsonl", (line() + line(id="q1")[:45]).encode(), 2, ["malformed JSON"]),
+    "truncated JSON line": ("t.jsonl", (line() + line(id="q1")[:45]).encode(), 2,
+                            ["malformed JSON"]),
     "wrong type": ("t.jsonl", (line() + line(id="q1", question=["Pick", "A"])).encode(), 2,
                    ["field 'question' should be str, got list"]),
-    "missing options": ("t.jsonl", (line() + line(id="q1", options=None)).encode(), 2, ["missing field 'options'"]),
+    "missing options": ("t.jsonl", (line() + line(id="q1", options=None)).encode(), 2,
+                        ["missing field 'options'"]),
     "gold letter outside the options": ("t.jsonl", (line() + line(id="q1", answer="E")).encode(), 2,
                                         ["gold answer 'E' is not among the options ABCD"]),
     "empty file": ("t.jsonl", b"", 1, ["file is empty"]),
-    "binary garbage (a PNG)": ("t.jsonl", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)), 1,
-                               ["not UTF-8 text (byte 0x89)"]),
-    "non-UTF-8 bytes (Latin-1)": ("t.jsonl", (line() + line(id="q1", question="Caf\u00e9?")).encode()
-                                  .replace(b"\\u00e9", b"\xe9"), 2, ["not UTF-8 text (byte 0xe9)"]),
+    "binary garbage (a PNG)": ("t.jsonl", PNG, 1, ["not UTF-8 text (byte 0x89)"]),
+    "non-UTF-8 bytes (Latin-1)": ("t.jsonl", LATIN_1, 2, ["not UTF-8 text (byte 0xe9)"]),
     "CSV row with too few columns": ("anatomy_test.csv", b"Pick A,x,y,z,w,A\nPick B,x,y\n", 2,
                                      ["CSV row has 3 columns, expected 6"]),
 }
@@ -342,8 +379,10 @@ def test_bad_data_message_from_load_mcqa_and_the_command_line(case, toy, tmp_pat
     path.write_bytes(content)
     with pytest.raises(data.DataError) as err:
         data.load_mcqa(path)
-    assert str(err.value).startswith(f"{path}:{lineno}: ") and all(w in str(err.value) for w in words), err.value
-    # the command line, in this process: SystemExit with the message (exit code 1), no other exception
+    message = str(err.value)
+    assert message.startswith(f"{path}:{lineno}: "), message
+    assert all(word in message for word in words), message
+    # the command line, in this process: SystemExit with the message (exit code 1), nothing else
     with pytest.raises(SystemExit) as stop:
         train_ppo.cli(toy + ["--train_data", str(path), "--out_dir", str(tmp_path / "run")])
     assert stop.value.code == f"error: {err.value}"
@@ -351,32 +390,35 @@ def test_bad_data_message_from_load_mcqa_and_the_command_line(case, toy, tmp_pat
 
 
 def test_a_missing_data_file_is_named():
-    with pytest.raises(SystemExit, match="error: /nowhere/train.jsonl: no such file, and not a dataset name"):
-        train_ppo.cli(["--preset", "smoke", "--model", "tiny-qwen2", "--train_data", "/nowhere/train.jsonl"])
+    with pytest.raises(SystemExit,
+                       match="error: /nowhere/train.jsonl: no such file, and not a dataset name"):
+        train_ppo.cli(["--preset", "smoke", "--model", "tiny-qwen2",
+                       "--train_data", "/nowhere/train.jsonl"])
 
 
 @pytest.mark.slow
 def test_bad_data_on_the_real_command_line_prints_one_line(toy, tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_bytes(BAD_DATA["truncated JSON line"][1])
-    p = subprocess.run(command(toy + ["--train_data", str(path)], tmp_path / "run"), cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode == 1
-    assert p.stderr.splitlines()[-1].startswith(f"error: {path}:2: malformed JSON")
-    assert_clean_exit_message(p.stderr)
+    process = subprocess.run(command(toy + ["--train_data", str(path)], tmp_path / "run"),
+                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert process.returncode == 1
+    assert process.stderr.splitlines()[-1].startswith(f"error: {path}:2: malformed JSON")
+    assert_clean_exit_message(process.stderr)
 
 
-# =========================================================================================================
+# ==================================================================================================
 # 6. torchrun: a rank that raises, a rank SIGKILLed: the whole job ends, quickly, every process gone
-# =========================================================================================================
+# ==================================================================================================
 def workers(launcher_pid: int) -> dict:
     """{rank: pid} of torchrun's worker processes."""
     found = {}
     for pid in Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split():
         try:
-            env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
+            variables = Path(f"/proc/{pid}/environ").read_text().split("\0")
         except OSError:
             continue
+        env = dict(kv.split("=", 1) for kv in variables if "=" in kv)
         if "RANK" in env:
             found[int(env["RANK"])] = int(pid)
     return found
@@ -384,7 +426,8 @@ def workers(launcher_pid: int) -> dict:
 
 def alive(pid: int) -> bool:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        return state != "Z"  # a zombie has exited
     except OSError:
         return False
 
@@ -392,13 +435,16 @@ def alive(pid: int) -> bool:
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["raise", "sigkill", "sigstop"])
 def test_torchrun_a_failing_rank_ends_the_job(how, toy, tmp_path):
-    """raise: rank 1 raises at step 2; sigkill: rank 1 dies hard; sigstop: rank 1 hangs (stopped), so nothing
-    tells the others but --collective_timeout_s: rank 0 must give up after it, not wait forever."""
-    out, timeout = tmp_path / "run", (10 if how == "sigstop" else 20)
-    p = start(toy + ["--collective_timeout_s", str(timeout)], out, torchrun=2,
-              fault="raise@2:1" if how == "raise" else "")
-    wait_until(lambda: (out / "checkpoints" / "step_000001").is_dir(), p, timeout=240)  # step 1 saved
-    ranks = workers(p.pid)
+    """raise: rank 1 raises at step 2; sigkill: rank 1 dies hard; sigstop: rank 1 hangs (stopped),
+    so nothing tells the others but --collective_timeout_s: rank 0 must give up after it, not wait
+    forever."""
+    out = tmp_path / "run"
+    timeout = 10 if how == "sigstop" else 20
+    process = start(toy + ["--collective_timeout_s", str(timeout)], out, torchrun=2,
+                    fault="raise@2:1" if how == "raise" else "")
+    # step 1 saved
+    wait_until(lambda: (out / "checkpoints" / "step_000001").is_dir(), process, timeout=240)
+    ranks = workers(process.pid)
     assert sorted(ranks) == [0, 1]
     t0 = time.time()
     if how == "sigkill":
@@ -408,55 +454,68 @@ def test_torchrun_a_failing_rank_ends_the_job(how, toy, tmp_path):
         while alive(ranks[0]) and time.time() - t0 < timeout + 60:
             time.sleep(0.05)
         waited = time.time() - t0
-        os.kill(ranks[1], signal.SIGCONT)  # let torchrun's SIGTERM reach it (a stopped process only obeys SIGKILL)
-        # generous upper margins: a loaded 2-core machine is slow to tear processes down; a hang is minutes
-        assert timeout - 1 < waited < timeout + 45, f"rank 0 ended {waited:.1f} s after its peer hung"
-    rc, text = finish(p, timeout=120)
+        # let torchrun's SIGTERM reach it (a stopped process only obeys SIGKILL)
+        os.kill(ranks[1], signal.SIGCONT)
+        # Generous upper margins: a loaded machine with few cores is slow to tear processes down,
+        # and a real hang lasts minutes.
+        late = f"rank 0 ended {waited:.1f} s after its peer hung"
+        assert timeout - 1 < waited < timeout + 45, late
+    rc, text = finish(process, timeout=120)
     assert rc != 0, text[-3000:]
     assert time.time() - t0 < timeout + 60, "the job outlived the collective timeout by a minute"
     assert not any(alive(pid) for pid in ranks.values())
-    said = {"raise": "injected fault at step 2 on rank 1", "sigkill": "Signal 9 (SIGKILL) received by PID",
+    said = {"raise": "injected fault at step 2 on rank 1",
+            "sigkill": "Signal 9 (SIGKILL) received by PID",
             "sigstop": f"Timed out waiting {timeout * 1000}ms"}[how]
     assert said in text, text[-3000:]
-    assert steps_of(out)[0] == 1 and all(checkpoint.verify(ck) == [] for ck in checkpoint.list_checkpoints(out / "checkpoints"))
+    assert steps_of(out)[0] == 1
+    saved = checkpoint.list_checkpoints(out / "checkpoints")
+    assert all(checkpoint.verify(folder) == [] for folder in saved)
 
 
 @pytest.mark.slow
 def test_torchrun_sigterm_stops_every_rank_after_a_checkpoint(toy, tmp_path):
-    """A cluster's preemption notice: SIGTERM to torchrun, which passes it on to every worker and SIGKILLs
-    them 30 s later. Each rank finishes the step in flight, together they write the checkpoint, and exit."""
+    """A cluster's preemption notice: SIGTERM to torchrun, which passes it on to every worker and
+    SIGKILLs them 30 s later. Each rank finishes the step in flight, together they write the
+    checkpoint, and exit."""
     out = tmp_path / "run"
-    p = start(toy + ["--save_every", "100"], out, torchrun=2)
-    wait_until(lambda: n_lines(out / "metrics.jsonl") >= 1, p, timeout=240)
-    ranks = workers(p.pid)
+    process = start(toy + ["--save_every", "100"], out, torchrun=2)
+    wait_until(lambda: n_lines(out / "metrics.jsonl") >= 1, process, timeout=240)
+    ranks = workers(process.pid)
     t0 = time.time()
-    p.send_signal(signal.SIGTERM)
-    rc, text = finish(p)
+    process.send_signal(signal.SIGTERM)
+    rc, text = finish(process)
     step = n_lines(out / "metrics.jsonl")
     assert rc != 0 and time.time() - t0 < 30  # torchrun itself reports the signal as a failure
-    assert step < STEPS and steps_of(out) == [step] and checkpoint.verify(out / "checkpoints" / f"step_{step:06d}") == []
-    assert f"stopped by SIGTERM after step {step}; checkpoint {out}/checkpoints/step_{step:06d} written" in text
+    assert step < STEPS and steps_of(out) == [step]
+    assert checkpoint.verify(out / "checkpoints" / f"step_{step:06d}") == []
+    stopped = (f"stopped by SIGTERM after step {step}; checkpoint "
+               f"{out}/checkpoints/step_{step:06d} written")
+    assert stopped in text
     assert not any(alive(pid) for pid in ranks.values())
 
 
-# =========================================================================================================
+# ==================================================================================================
 # 7. The manifest: a corrupted checkpoint is refused, or skipped when asked
-# =========================================================================================================
+# ==================================================================================================
 @pytest.mark.slow
 def test_corrupted_checkpoint_refused_then_fallback_resumes_exactly(toy, reference, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(reference, out)
     bad = out / "checkpoints" / f"step_{STEPS:06d}" / "policy" / "model.safetensors"
     blob = bytearray(bad.read_bytes())
-    blob[len(blob) // 2:len(blob) // 2 + 8] = bytes(b ^ 0xFF for b in blob[len(blob) // 2:len(blob) // 2 + 8])
+    middle = slice(len(blob) // 2, len(blob) // 2 + 8)
+    blob[middle] = bytes(byte ^ 0xFF for byte in blob[middle])
     bad.write_bytes(bytes(blob))  # same size: only the checksum can tell
     logged = (out / "metrics.jsonl").read_bytes()
 
-    with pytest.raises(SystemExit) as stop:  # the command line, in this process (exit code 1, no traceback)
+    # the command line, in this process (exit code 1, no traceback)
+    with pytest.raises(SystemExit) as stop:
         train_ppo.cli(toy + ["--resume", "--out_dir", str(out)])
-    assert str(stop.value.code).startswith(f"error: checkpoint {bad.parent.parent} failed verification:\n")
-    assert f"{bad}: sha256 differs from the manifest (corrupted)" in stop.value.code
-    assert "rerun with --resume_fallback" in stop.value.code
+    refusal = stop.value.code
+    assert str(refusal).startswith(f"error: checkpoint {bad.parent.parent} failed verification:\n")
+    assert f"{bad}: sha256 differs from the manifest (corrupted)" in refusal
+    assert "rerun with --resume_fallback" in refusal
     assert (out / "metrics.jsonl").read_bytes() == logged  # a refused resume touches nothing
 
     text = train(toy + ["--resume", "--resume_fallback"], out)
@@ -464,5 +523,3 @@ def test_corrupted_checkpoint_refused_then_fallback_resumes_exactly(toy, referen
     assert f"resuming from {out / 'checkpoints' / f'step_{STEPS - 1:06d}'}" in text
     assert_same_run(out, reference)
     assert checkpoint.verify(bad.parent.parent) == []  # step 6 written again, sound
-
-

@@ -1,4 +1,4 @@
-"""What ruff does not check: the house rules about the shape of the code (ruff.toml has the rest)."""
+"""The house rules on the shape of the code that ruff does not check (ruff.toml has the rest)."""
 import ast
 import subprocess
 
@@ -41,7 +41,7 @@ def test_no_tuple_statements():
 
 
 def test_no_test_hooks_in_the_training_path():
-    """Faults are injected from outside (tests/launch_with_faults.py), never by code in a trainer."""
+    """Faults come from outside (tests/launch_with_faults.py), never from code in a trainer."""
     for name in TRAINING_PATH:
         text = (ROOT / name).read_text()
         for hook in ("fault(", "time.sleep", "MEDRLVR_FAULT"):

@@ -23,10 +23,10 @@ VOLATILE = ("time_", "tokens_per_s")  # wall-clock figures differ between runs; 
 
 def run(args, out, faults="", torchrun=0, check=True, timeout=300):
     cmd = trainer_command("train_ppo.py", [*args, "--out_dir", out], faults, torchrun)
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"exit {p.returncode}\n{p.stderr[-3000:]}")
-    return p
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stderr[-3000:]}")
+    return result
 
 
 def metrics(out):
@@ -87,11 +87,12 @@ def test_each_rank_gets_its_slice_of_every_minibatch():
     cfg = train_ppo.parse_config(["--preset", "smoke", "--rollout_batch_size", "8",
                                   "--n_samples_per_prompt", "2", "--train_batch_size", "8"])
     indices = train_ppo.experience.step_prompt_indices
-    one = indices(cfg, 20, 3, 0, 1)
-    two = [indices(cfg, 20, 3, r, 2) for r in (0, 1)]
+    one_rank = indices(cfg, 20, 3, 0, 1)
+    two_ranks = [indices(cfg, 20, 3, r, 2) for r in (0, 1)]
     # minibatch k (4 prompts) = the same prompts whether one rank holds them or two ranks hold 2
     for k in range(2):
-        assert sorted(one[4 * k:4 * k + 4]) == sorted(two[0][2 * k:2 * k + 2] + two[1][2 * k:2 * k + 2])
+        held_by_two = two_ranks[0][2 * k:2 * k + 2] + two_ranks[1][2 * k:2 * k + 2]
+        assert sorted(one_rank[4 * k:4 * k + 4]) == sorted(held_by_two)
     # steps walk through a seeded permutation of the data, a new one each epoch
     seen = [i for s in range(1, 6) for _, i in indices(cfg, 20, s, 0, 1)]
     assert sorted(seen[:20]) == list(range(20)) and sorted(seen[20:40]) == list(range(20))
@@ -147,7 +148,8 @@ def test_the_loop_learns_a_small_verifiable_task_and_not_with_lr_zero(toy, tmp_p
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flags", [["--advantage", "grpo"],
-                                   ["--advantage", "drgrpo", "--loss_agg", "seq-mean-token-sum-norm"],
+                                   ["--advantage", "drgrpo",
+                                    "--loss_agg", "seq-mean-token-sum-norm"],
                                    ["--advantage", "rloo", "--kl_in_reward", "false"],
                                    ["--kl_target", "0.5", "--loss_agg", "seq-mean",
                                     "--entropy_coef", "0.01"]])
@@ -187,8 +189,8 @@ def test_packed_forwards_give_the_padded_run(toy, tmp_path):
 
 @pytest.mark.slow
 def test_the_plain_engine_gives_the_fast_engines_run(toy, tmp_path):
-    """--engine plain (rollout.generate, the teaching core) samples what the fast engine samples: the
-    same responses and rewards, and the same losses up to float rounding."""
+    """--engine plain (rollout.generate, the teaching core) samples what the fast engine samples:
+    the same responses and rewards, and the same losses up to float rounding."""
     run(toy + ["--max_steps", "3", "--save_every", "3"], tmp_path / "fast")
     run(toy + ["--max_steps", "3", "--save_every", "3", "--engine", "plain"], tmp_path / "plain")
     assert_same_metrics(metrics(tmp_path / "fast"), metrics(tmp_path / "plain"), rel=1e-5)
@@ -209,8 +211,8 @@ def test_two_processes_give_the_same_run_as_one(toy, tmp_path):
     assert same_file(tmp_path / "one", tmp_path / "two")
     # the checkpoint written by 2 processes loads in 1 and gives the 1-process run's logits
     ids = torch.tensor([[5, 6, 7, 8, 4, 9, 10]])
-    logits = [AutoModelForCausalLM.from_pretrained(tmp_path / d / "checkpoints" / "step_000004" /
-                                                   "policy")(ids).logits for d in ("one", "two")]
+    folders = [tmp_path / d / "checkpoints" / "step_000004" / "policy" for d in ("one", "two")]
+    logits = [AutoModelForCausalLM.from_pretrained(folder)(ids).logits for folder in folders]
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
     # and a run saved by 2 processes resumes in 1, continuing exactly
     shutil.copytree(tmp_path / "two", tmp_path / "two_then_one")
