@@ -4,7 +4,8 @@ algorithm.
   - flags: a dataclass whose fields are the flags (`arg`), presets over it (`parse_flags`), and the
     flags every run has (`RunFlags`: the output folder, checkpoints, resume, device, dtype, ...);
   - the start of a run (`start_run`): process group, the settings re-checked against the number of
-    ranks, seeds, the checkpoint to resume from; the run's folder (`prepare_out_dir`);
+    ranks, seeds, the checkpoint to resume from; the run's folder (`prepare_out_dir`); the training
+    questions and their prompts (`training_prompts`);
   - AdamW with the warm-up + cosine schedule (`adamw`), bf16 autocast on one GPU (`autocast`), the
     time of each phase of a step (`PhaseTimer`);
   - the housekeeping around each step (`StepLoop`): the progress bar, SIGTERM and Ctrl-C, steps
@@ -143,6 +144,24 @@ def prepare_out_dir(run: Run, start: int, logs: list[str]) -> None:
             checkpoint.keep_steps_upto(run.out / name, start - 1)
         else:
             (run.out / name).unlink(missing_ok=True)
+
+
+def training_prompts(cfg, tokenizer, log, suffix: str = ""):
+    """The training questions and their prompts (each + suffix); prompts longer than
+    --max_prompt_tokens are left out, and counted. Returns the records and prompts kept, and their
+    token ids and attention mask [n, P], left padded."""
+    records = data.load_dataset(cfg.train_data, cfg.data_dir or None)
+    if cfg.shuffle_options:
+        records = [data.shuffle_options(r, cfg.seed + i) for i, r in enumerate(records)]
+    prompts = [data.build_prompt(r, cfg.prompt_style, tokenizer) + suffix for r in records]
+    ids, attn, kept, skipped = data.tokenize_prompts(tokenizer, prompts, cfg.max_prompt_tokens)
+    if skipped:
+        log(f"left out {len(skipped)} of {len(records)} prompts longer than --max_prompt_tokens "
+            f"{cfg.max_prompt_tokens}")
+    if not kept:
+        raise SystemExit(f"no prompt of {cfg.train_data} fits in --max_prompt_tokens "
+                         f"{cfg.max_prompt_tokens}")
+    return [records[i] for i in kept], [prompts[i] for i in kept], ids, attn
 
 
 def adamw(model, lr: float, cfg, total_updates: int):

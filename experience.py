@@ -17,7 +17,7 @@ import distributed
 import engine
 import rollout
 import verifier
-from common import autocast
+from common import autocast, training_prompts
 from model import pack, response_batch, response_logprobs, response_values
 
 # The verifier refuses any text after </answer>, so nothing sampled after it can help.
@@ -63,18 +63,8 @@ class StepPrompts:
 
 def load_questions(cfg, tokenizer, log) -> Questions:
     """The training questions; prompts over max_prompt_tokens are left out, and counted."""
-    records = data.load_dataset(cfg.train_data, cfg.data_dir or None)
-    if cfg.shuffle_options:
-        records = [data.shuffle_options(r, cfg.seed + i) for i, r in enumerate(records)]
-    texts = [data.build_prompt(r, cfg.prompt_style, tokenizer) + cfg.prefill for r in records]
-    _, _, kept, skipped = data.tokenize_prompts(tokenizer, texts, cfg.max_prompt_tokens)
-    if skipped:
-        log(f"left out {len(skipped)} of {len(records)} prompts longer than --max_prompt_tokens "
-            f"{cfg.max_prompt_tokens}")
-    if not kept:
-        raise SystemExit(f"no prompt of {cfg.train_data} fits in --max_prompt_tokens "
-                         f"{cfg.max_prompt_tokens}")
-    return Questions([records[i] for i in kept], [texts[i] for i in kept])
+    records, texts, _, _ = training_prompts(cfg, tokenizer, log, suffix=cfg.prefill)
+    return Questions(records, texts)
 
 
 def step_prompts(cfg, questions: Questions, step: int, rank: int, world: int):

@@ -250,9 +250,9 @@ def minibatches(cfg: Config, step: int, exp: experience.Experience, world: int):
     the whole GLOBAL minibatch, and its loss is multiplied by the number of ranks because FSDP
     averages gradients over ranks; so the gradient is exactly that of the minibatch's mean loss,
     whatever the micro-batching and the number of ranks."""
-    rows = cfg.train_batch_size // world  # rows of a minibatch on this rank
-    n_minibatches = exp.mask.shape[0] // rows
-    tokens = distributed.all_reduce_dict({k: exp.mask[k * rows:(k + 1) * rows].sum().item()
+    size = cfg.train_batch_size // world  # rows of a minibatch on this rank
+    n_minibatches = exp.mask.shape[0] // size
+    tokens = distributed.all_reduce_dict({k: exp.mask[k * size:(k + 1) * size].sum().item()
                                           for k in range(n_minibatches)})  # over all ranks
     for epoch in range(cfg.ppo_epochs):
         seed = hash((cfg.seed, step, epoch)) % 2 ** 63
@@ -260,7 +260,7 @@ def minibatches(cfg: Config, step: int, exp: experience.Experience, world: int):
         for k in order.tolist():
             denom = tokens[k] if cfg.loss_agg == "token-mean" else cfg.train_batch_size
             yield (micro_batch(cfg, exp, s, denom)
-                   for s in range(k * rows, (k + 1) * rows, cfg.micro_batch_size))
+                   for s in range(k * size, (k + 1) * size, cfg.micro_batch_size))
 
 
 def micro_batch(cfg: Config, exp: experience.Experience, start: int, denom: float) -> MicroBatch:

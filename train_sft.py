@@ -103,21 +103,11 @@ def load_examples(cfg: Config, tokenizer, log) -> list:
     exactly the token sequence that greedy decoding after that prompt has to produce."""
     if tokenizer.eos_token_id is None:
         raise SystemExit(f"{cfg.model}: the tokenizer has no EOS token to end the answer with")
-    records = data.load_dataset(cfg.train_data, cfg.data_dir or None)
-    if cfg.shuffle_options:
-        records = [data.shuffle_options(r, cfg.seed + i) for i, r in enumerate(records)]
-    prompts = [data.build_prompt(r, cfg.prompt_style, tokenizer) for r in records]
-    ids, attn, kept, skipped = data.tokenize_prompts(tokenizer, prompts, cfg.max_prompt_tokens)
-    if skipped:
-        log(f"left out {len(skipped)} of {len(records)} prompts longer than --max_prompt_tokens "
-            f"{cfg.max_prompt_tokens}")
-    if not kept:
-        raise SystemExit(f"no prompt of {cfg.train_data} fits in --max_prompt_tokens "
-                         f"{cfg.max_prompt_tokens}")
+    records, _, ids, attn = common.training_prompts(cfg, tokenizer, log)  # [n, P] left padded
     prefix = TARGET_PREFIX[cfg.prompt_style]
     examples = []
-    for row, i in enumerate(kept):  # row of the tokenized batch, index of the record
-        target = tokenizer(prefix + records[i]["answer"], add_special_tokens=False)["input_ids"]
+    for row, record in enumerate(records):
+        target = tokenizer(prefix + record["answer"], add_special_tokens=False)["input_ids"]
         examples.append({"prompt": ids[row][attn[row].bool()].tolist(),
                          "target": target + [tokenizer.eos_token_id]})
     return examples
