@@ -273,13 +273,15 @@ def micro_batch(cfg: Config, exp: experience.Experience, start: int, denom: floa
                       exp.values[rows, :T], denom)
 
 
+UPDATE_SUMS = ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl", "vf_clipfrac",
+               "tokens")
+
+
 @dataclass
 class UpdateStats:
     """What step 7 logs, summed over micro-batches (and, once all-reduced, ranks)."""
-    sums: dict = field(default_factory=lambda: dict.fromkeys(
-        ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl", "vf_clipfrac", "tokens"),
-        0.0))
-    grad_norms: dict = field(default_factory=lambda: {"policy": [], "critic": []})
+    sums: dict = field(default_factory=lambda: dict.fromkeys(UPDATE_SUMS, 0.0))
+    grad_norms: dict = field(default_factory=lambda: {"policy": [], "critic": []})  # per update
     updates: int = 0
     nonfinite_updates: int = 0
 
