@@ -182,10 +182,10 @@ class PhaseTimer:
         self.seconds = dict.fromkeys(phases, 0.0)
 
     @contextlib.contextmanager
-    def __call__(self, phase: str):
+    def __call__(self, phase: str):  # a phase entered twice (a second sampling round) adds up
         start = self.now()
         yield
-        self.seconds[phase] = self.now() - start
+        self.seconds[phase] += self.now() - start
 
     def now(self) -> float:
         if self.device.type == "cuda":
@@ -197,8 +197,9 @@ class PhaseTimer:
 
 
 def autocast(cfg, device):
-    """bf16 autocast for a single GPU process; under FSDP the mixed-precision policy does this."""
-    on = cfg.dtype == "bfloat16" and device.type == "cuda" and not distributed.is_distributed()
+    """bf16 autocast over fp32 weights in a single process (on a GPU, or a CPU: slow there, but the
+    same numerics); under FSDP on GPUs the mixed-precision policy does this instead."""
+    on = cfg.dtype == "bfloat16" and not distributed.is_distributed()
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 

@@ -110,14 +110,14 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return out.to(t.device)
 
 
-def all_reduce_dict(sums: dict) -> dict:
-    """Sum each float of a dict over all ranks in one collective (for metrics kept as sums)."""
+def all_reduce_dict(sums: dict, op: str = "sum") -> dict:
+    """Sum (or, op="max", the largest of) each float of a dict over all ranks, in one collective."""
     if not is_distributed() or not sums:
         return dict(sums)
     keys = sorted(sums)
     values = torch.tensor([float(sums[key]) for key in keys], dtype=torch.float64,
                           device=comm_device())
-    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    dist.all_reduce(values, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return dict(zip(keys, values.tolist()))
 
 

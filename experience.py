@@ -4,8 +4,10 @@ reference and the critic say of them. train_ppo.ppo_step calls these; steps 5-7 
   1. `step_prompts`: this rank's prompts of a step, a seeded pass over the training questions;
   2. `sample_responses`: n responses per prompt from the policy, into an `Experience`;
   3. `score_responses`: the verifier's reward of each, and one record a sample for rollouts.jsonl;
-  4. `reference_and_critic`: log pi_ref and V(s_t) of the same tokens, each prompt computed once for
-     all of its samples (model.pack).
+     with --filter_groups, `keep_varied_groups` (DAPO's dynamic sampling) samples further prompts
+     in place of the groups whose samples all scored alike;
+  4. `reference_and_critic`: log pi of the same tokens by a training forward of the policy, log
+     pi_ref, and V(s_t), each prompt computed once for all of its samples (model.pack).
 """
 from dataclasses import dataclass
 
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 import data
 import distributed
 import engine
+import ppo
 import rollout
 import verifier
 from common import autocast, training_prompts
@@ -24,6 +27,13 @@ from model import pack, response_batch, response_logprobs, response_values
 STOP_STRINGS = ["</answer>"]
 
 
+def stop_strings(cfg):
+    """--stop_at_answer: end a response at </answer>; else at EOS or the length limit only (as the
+    study's OpenRLHF and vLLM did: the model has to learn to stop, and text after </answer> breaks
+    the format)."""
+    return STOP_STRINGS if cfg.stop_at_answer else None
+
+
 @dataclass
 class Experience:
     """What a step learns from: this rank's N = prompts x n_samples_per_prompt rows, filled in by
@@ -31,9 +41,11 @@ class Experience:
     sequences: torch.Tensor  # [N, P+T] long: the left-padded prompt, then the right-padded response
     attention_mask: torch.Tensor  # [N, P+T] long: 1 on the real tokens of prompt and response
     mask: torch.Tensor  # [N, T] float: 1 on response tokens, up to and including the last one
-    old_logprobs: torch.Tensor  # [N, T] log pi_old(a_t): of the policy that sampled (steps 2, 4)
+    sampler_logprobs: torch.Tensor  # [N, T] log pi(a_t) as the sampler computed it (step 2)
     finish_reason: list[str]  # [N] "eos" | "stop" | "length" (step 2)
     scores: torch.Tensor | None = None  # [N] the verifier's reward of each response (step 3)
+    train_logprobs: torch.Tensor | None = None  # [N, T] log pi(a_t) by a training forward (4)
+    old_logprobs: torch.Tensor | None = None  # [N, T] log pi_old(a_t): one of the two above (4)
     ref_logprobs: torch.Tensor | None = None  # [N, T] log pi_ref(a_t), the frozen reference (4)
     values: torch.Tensor | None = None  # [N, T] V(s_t), the critic's (step 4; 0 without a critic)
     kl: torch.Tensor | None = None  # [N, T] KL_t, the per-token estimate of KL(pi || pi_ref) (5)
@@ -115,7 +127,7 @@ def sample_responses(cfg, models, prompts: StepPrompts, step: int) -> Experience
             rows = slice(s, s + cfg.generate_batch_size)
             chunks.append(generate(models.policy, ids[rows], attn[rows], cfg.max_new_tokens,
                                    temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                   eos_token_id=eos, stop_strings=STOP_STRINGS,
+                                   eos_token_id=eos, stop_strings=stop_strings(cfg),
                                    tokenizer=tokenizer, uniforms=uniforms[rows]))
     P = ids.shape[1]
     T = max(c.response_mask.shape[1] for c in chunks)
@@ -127,7 +139,7 @@ def sample_responses(cfg, models, prompts: StepPrompts, step: int) -> Experience
     mask = cat([c.response_mask for c in chunks], 0).float()  # [N, T]
     return Experience(sequences=torch.cat([ids, responses], 1),
                       attention_mask=torch.cat([attn, mask.long()], 1),
-                      mask=mask, old_logprobs=cat([c.logprobs for c in chunks], 0.0).float(),
+                      mask=mask, sampler_logprobs=cat([c.logprobs for c in chunks], 0.0).float(),
                       finish_reason=[f for c in chunks for f in c.finish_reason])
 
 
@@ -158,7 +170,7 @@ def score_responses(cfg, tokenizer, prompts: StepPrompts, exp: Experience, step:
         tokens = exp.sequences[i, P:P + lengths[i]]
         # the token that completed "</answer>" may carry more text ("></" is one SmolLM2 token)
         text = rollout.cut_after_stop(tokenizer.decode(tokens, skip_special_tokens=True),
-                                      STOP_STRINGS)
+                                      stop_strings(cfg))
         verdict = verifier.verify(prefill + text, record["answer"], record["options"],
                                   strict=cfg.strict_format, format_reward=cfg.format_reward,
                                   wrong_reward=cfg.wrong_reward, correct_reward=cfg.correct_reward)
@@ -179,21 +191,107 @@ VERDICT_KEYS = ("reward", "pred", "correct", "format_ok", "answer_in_think",
                 "reasoning_outside_think", "template_copy", "think_chars", "answer_chars")
 
 
+def keep_varied_groups(cfg, run, models, questions: Questions, step: int, exp: Experience,
+                       samples: list[dict], timer):
+    """DAPO's dynamic sampling (Yu et al. 2025), after step 3: a group whose n samples all scored
+    alike has no group advantage, so it makes way for the groups of further prompts, sampled a
+    round (this rank's share of rollout_batch_size prompts) at a time until every rank holds its
+    share of varied groups, or --max_sample_rounds rounds ran; groups that scored alike then fill
+    what is missing, and the metrics say how many. Every rank samples as many rounds as the rank
+    that needs the most, so that the collectives match. Returns the experience, its samples and
+    the sampling's metrics."""
+    n = cfg.n_samples_per_prompt
+    quota = len(samples) // n  # groups this rank hands to the update
+    first_varied = ppo.varied_groups(exp.scores, n)  # [quota]
+    pieces = [(exp, samples)]
+    rounds = 1
+    while rounds < cfg.max_sample_rounds:
+        varied = sum(int(ppo.varied_groups(e.scores, n).sum()) for e, _ in pieces)
+        if distributed.all_reduce_dict({"short": float(varied < quota)})["short"] == 0:
+            break
+        prompts = refill_prompts(cfg, questions, step, rounds, run.rank, run.world)
+        with timer("generate"):
+            extra = sample_responses(cfg, models, prompts, step)
+        with timer("score"):
+            extra.scores, extra_samples = score_responses(cfg, models.tokenizer, prompts, extra,
+                                                          step)
+        pieces.append((extra, extra_samples))
+        rounds += 1
+    every = concat_experiences([e for e, _ in pieces], models.tokenizer.pad_token_id)
+    every_sample = [s for _, group_samples in pieces for s in group_samples]
+    varied = ppo.varied_groups(every.scores, n)  # [groups]
+    chosen = torch.cat([varied.nonzero()[:, 0], (~varied).nonzero()[:, 0]])[:quota].tolist()
+    rows = [g * n + j for g in sorted(chosen) for j in range(n)]
+    counts = distributed.all_reduce_dict({"first": float(first_varied.sum()),
+                                          "alike": float(sum(not varied[g] for g in chosen)),
+                                          "groups": float(quota)})
+    stats = {"sample_rounds": rounds, "varied_group_rate": counts["first"] / counts["groups"],
+             "alike_groups_kept": int(counts["alike"])}
+    return select_rows(every, rows), [every_sample[r] for r in rows], stats
+
+
+def refill_prompts(cfg, questions: Questions, step: int, round_: int, rank: int, world: int):
+    """This rank's prompts of sampling round `round_` (>= 1) of a step: its share of a fresh
+    seeded draw of rollout_batch_size questions (a function of seed, step and round, so a resumed
+    run draws the same); positions after the step's own batch, so each row keeps its own noise."""
+    per_rank = cfg.rollout_batch_size // world
+    # epoch -1: a draw of its own, never one of the passes over the data (epochs 0, 1, ...)
+    order = data.epoch_order(len(questions.records), hash((cfg.seed, step, round_)) % 2 ** 31, -1)
+    first = rank * per_rank
+    picked = [order[(first + i) % len(order)] for i in range(per_rank)]
+    positions = [round_ * cfg.rollout_batch_size + first + i for i in range(per_rank)]
+    return StepPrompts(positions, [questions.records[i] for i in picked],
+                       [questions.texts[i] for i in picked])
+
+
+def concat_experiences(experiences: list, pad_id: int) -> Experience:
+    """Rows of several experiences (steps 2-3 filled) as one: prompts left padded and responses
+    right padded to the widest."""
+    P = max(e.sequences.shape[1] - e.mask.shape[1] for e in experiences)
+    T = max(e.mask.shape[1] for e in experiences)
+
+    def widen(x, p, fill):  # [rows, p + t] -> [rows, P + T]: prompt left, response right padded
+        prompt = F.pad(x[:, :p], (P - p, 0), value=fill)
+        response = F.pad(x[:, p:], (0, T - (x.shape[1] - p)), value=fill)
+        return torch.cat([prompt, response], 1)
+
+    def right(x, fill):  # [rows, t] -> [rows, T]
+        return F.pad(x, (0, T - x.shape[1]), value=fill)
+
+    prompt_width = [e.sequences.shape[1] - e.mask.shape[1] for e in experiences]
+    return Experience(
+        sequences=torch.cat([widen(e.sequences, p, pad_id)
+                             for e, p in zip(experiences, prompt_width)]),
+        attention_mask=torch.cat([widen(e.attention_mask, p, 0)
+                                  for e, p in zip(experiences, prompt_width)]),
+        mask=torch.cat([right(e.mask, 0) for e in experiences]),
+        sampler_logprobs=torch.cat([right(e.sampler_logprobs, 0.0) for e in experiences]),
+        finish_reason=[f for e in experiences for f in e.finish_reason],
+        scores=torch.cat([e.scores for e in experiences]))
+
+
+def select_rows(exp: Experience, rows: list[int]) -> Experience:
+    """The experience (steps 2-3 filled) of these rows only, in this order."""
+    index = torch.tensor(rows, dtype=torch.long, device=exp.mask.device)
+    return Experience(sequences=exp.sequences[index], attention_mask=exp.attention_mask[index],
+                      mask=exp.mask[index], sampler_logprobs=exp.sampler_logprobs[index],
+                      finish_reason=[exp.finish_reason[r] for r in rows], scores=exp.scores[index])
+
+
 def reference_and_critic(cfg, models, exp: Experience, timer):
-    """Step 4: log pi_ref of the sampled tokens [N, T], and V(s_t) [N, T] (0 without a critic);
-    with --recompute_logprobs also the old log-probs from a training forward, in place of the
-    sampler's (they differ where the sampler ran in bf16). Returns (old, reference, values)."""
+    """Step 4: log pi of the sampled tokens by a training forward of the policy [N, T] (the old
+    log-probs where the sampler's differ: not fp32, --recompute_logprobs; and the sampler / trainer
+    gap every step), log pi_ref [N, T], and V(s_t) [N, T] (0 without a critic).
+    Returns (train, reference, values)."""
     batches = no_grad_batches(cfg, exp)  # built once, run through each model
-    old_logprobs = exp.old_logprobs
     with timer("reference"):
-        if cfg.recompute_logprobs:
-            old_logprobs = forward_in_chunks(cfg, models.policy, batches, exp.mask)
+        train_logprobs = forward_in_chunks(cfg, models.policy, batches, exp.mask)
         ref_logprobs = forward_in_chunks(cfg, models.reference, batches, exp.mask)
     with timer("critic"):
         values = torch.zeros_like(exp.mask)  # [N, T]
         if models.critic is not None:
             values = forward_in_chunks(cfg, models.critic, batches, exp.mask, critic=True)
-    return old_logprobs * exp.mask, ref_logprobs * exp.mask, values * exp.mask
+    return train_logprobs * exp.mask, ref_logprobs * exp.mask, values * exp.mask
 
 
 @torch.no_grad()

@@ -329,15 +329,16 @@ def load_policy(name_or_path="smollm2-135m", dtype="float32", device="cpu",
 
 
 def load_critic(name_or_path="smollm2-135m", dtype="float32", device="cpu",
-                gradient_checkpointing=False, head_std=1e-3, seed=0):
+                gradient_checkpointing=False, head_std=None, seed=0):
     """The value model: AutoModelForTokenClassification (num_labels=1) = the policy's backbone + a
-    linear head.
+    linear head, as OpenRLHF's critic: head weights ~ N(0, head_std^2) with head_std = 1 / (hidden
+    size + 1), no bias (the class has one: it is kept at 0 and never trained, so a saved critic
+    loads as it was).
 
     `name_or_path` may be a policy name or folder, a saved critic folder (loaded as is, head
-    included), or a policy model object (its backbone weights are copied; nothing touches disk). A
-    new head is initialised w ~ N(0, head_std^2), b = 0, so that V starts near 0 but the backbone
-    gets a gradient from the first step; drawn from its own generator seeded with `seed`, so that
-    every rank of a torchrun job builds the same head.
+    included), or a policy model object (its backbone weights are copied; nothing touches disk).
+    The head is drawn from its own generator seeded with `seed`, so that every rank of a torchrun
+    job builds the same head; V starts near 0 but the backbone gets a gradient from the first step.
     """
     if isinstance(name_or_path, (str, os.PathLike)) and is_critic_folder(name_or_path):
         critic = AutoModelForTokenClassification.from_pretrained(name_or_path,
@@ -354,9 +355,11 @@ def load_critic(name_or_path="smollm2-135m", dtype="float32", device="cpu",
         config.pop("label2id", None)
         critic = AutoModelForTokenClassification.from_config(type(policy.config).from_dict(config))
         critic.model.load_state_dict(policy.model.state_dict())  # the backbone, copied (as fp32)
+        std = head_std if head_std is not None else 1 / (policy.config.hidden_size + 1)
         head_init = torch.Generator().manual_seed(seed)
-        nn.init.normal_(critic.score.weight, std=head_std, generator=head_init)
+        nn.init.normal_(critic.score.weight, std=std, generator=head_init)
         nn.init.zeros_(critic.score.bias)
+    critic.score.bias.requires_grad_(False)  # no bias, as OpenRLHF's value head
     assert critic.dropout.p == 0.0, "a dropout before the value head would make V noisy"
     critic = critic.to(device=device, dtype=as_dtype(dtype))
     set_gradient_checkpointing(critic, gradient_checkpointing)

@@ -5,9 +5,11 @@ tests/test_ppo.py checks each against a separate straightforward computation. Co
 [B, T] is 1 on generated tokens (up to and including the one that ended the row) and 0 on padding;
 log-probs are of the sampled tokens; a row's reward for the answer arrives on its last token.
 
-In the order a step uses them: kl_penalty and token_rewards (step 5), gae and whiten, or
-critic_free_advantages without a critic (step 6), policy_loss and value_loss through aggregate
-(step 7); adaptive_kl and lr_schedule between steps.
+In the order a step uses them: overlong_penalty and varied_groups (DAPO's shaping and dynamic
+sampling, step 3), kl_penalty and token_rewards (step 5), gae and whiten, or without a critic
+critic_free_advantages or reinforce_pp_advantages (step 6), policy_loss (with clip-higher, GSPO's
+sequence_log_ratio, truncated_is_weights) and value_loss through aggregate (step 7); adaptive_kl
+and lr_schedule between steps.
 """
 import math
 
@@ -105,43 +107,110 @@ def critic_free_advantages(scores, kl, mask, n, kind, kl_coef):
     return advantages + kl_to_go * mask
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps, agg="token-mean", denom=None):
+def reinforce_pp_advantages(rewards, mask, gamma, all_reduce=None):
+    """REINFORCE++ (Hu 2025): no critic; each token's advantage is its return, the discounted sum of
+    the token rewards still to come (the KL penalty in them, the score at the end),
+        A_t = sum_{t' >= t} gamma^(t' - t) r_t'
+    normalised over every token of the global batch (whiten). rewards, mask: [B, T]."""
+    returns, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma, 1.0)  # [B, T]
+    return whiten(returns, mask, all_reduce)
+
+
+def varied_groups(scores, n):
+    """DAPO's dynamic sampling (Yu et al. 2025): which groups of n samples (a prompt's, adjacent)
+    did not all score alike, [prompts] bool. A group whose samples scored alike has no group
+    advantage: it carries no signal, and is replaced by another prompt's."""
+    groups = scores.view(-1, n)  # [prompts, n]
+    return (groups != groups[:, :1]).any(dim=1)
+
+
+def overlong_penalty(lengths, max_len, buffer, factor=1.0):
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to the score: 0 up to
+    max_len - buffer tokens, then falling linearly to -factor at max_len (and beyond).
+    lengths: [B] response tokens. Returns [B]."""
+    allowed = max_len - buffer
+    excess = (lengths.float() - allowed).clamp(min=0)  # [B]
+    return -factor * (excess / buffer).clamp(max=1.0)
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps, agg="token-mean", denom=None,
+                clip_eps_high=None, ratio_level="token", token_weights=None, token_norm=None):
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), to be minimised:
-        ratio = pi(a|s) / pi_old(a|s);  L = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)
-    stats: clipfrac (share of tokens whose ratio left the clip range), approx_kl (k3 to pi_old)."""
+        ratio = pi(a|s) / pi_old(a|s);  L = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A)
+    eps_high = clip_eps_high, else clip_eps: DAPO's clip-higher (Yu et al. 2025) lets a token's
+    probability rise further than it may fall. ratio_level="sequence": GSPO (Zheng et al. 2025),
+    every token of a sequence takes the sequence's length-normalised ratio (sequence_log_ratio).
+    token_weights [B, T]: multiply each token's loss (truncated importance sampling). agg, denom,
+    token_norm: as in aggregate. stats: clipfrac (share of tokens whose ratio left the clip range),
+    approx_kl (k3 to pi_old)."""
     log_ratio = logprobs - old_logprobs  # [B, T]
+    if ratio_level == "sequence":
+        log_ratio = sequence_log_ratio(logprobs, old_logprobs, mask)
+    elif ratio_level != "token":
+        raise ValueError(f"ratio_level {ratio_level!r}: token or sequence")
     ratio = torch.exp(log_ratio)  # [B, T]
+    high = clip_eps if clip_eps_high is None else clip_eps_high
     surr1 = ratio * advantages  # [B, T]
-    surr2 = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages  # [B, T]
-    loss = aggregate(-torch.min(surr1, surr2), mask, agg, denom)
+    surr2 = torch.clamp(ratio, 1 - clip_eps, 1 + high) * advantages  # [B, T]
+    per_token = -torch.min(surr1, surr2)  # [B, T]
+    if token_weights is not None:
+        per_token = per_token * token_weights
+    loss = aggregate(per_token, mask, agg, denom, token_norm)
     with torch.no_grad():
-        stats = {"clipfrac": masked_mean(((ratio - 1).abs() > clip_eps).float(), mask).item(),
+        outside = (ratio < 1 - clip_eps) | (ratio > 1 + high)  # [B, T]
+        stats = {"clipfrac": masked_mean(outside.float(), mask).item(),
                  "approx_kl": masked_mean((ratio - 1) - log_ratio, mask).item()}
     return loss, stats
 
 
-def value_loss(values, old_values, returns, mask, clip_eps, agg="token-mean", denom=None):
+def sequence_log_ratio(logprobs, old_logprobs, mask):
+    """GSPO's sequence ratio (Zheng et al. 2025; in its token form, GSPO-token), [B, T]:
+        log s_i = (1 / |y_i|) sum_t (log pi(y_t) - log pi_old(y_t))     on every token of row i
+    with the gradient of each token's own log-prob (s_i,t = sg[s_i] pi(y_t) / sg[pi(y_t)]), so the
+    clip acts on the whole sequence and each token still carries its own advantage."""
+    per_sequence = masked_mean(logprobs - old_logprobs, mask, dim=1)  # [B]
+    return per_sequence.detach()[:, None] + logprobs - logprobs.detach()  # [B, T]
+
+
+def truncated_is_weights(train_logprobs, sampler_logprobs, cap):
+    """Truncated importance sampling for the sampler / trainer mismatch (Yao et al. 2025, "Your
+    efficient RL framework secretly brings you off-policy RL training"; veRL PR #2953): the tokens
+    were sampled by the inference engine's pi_sampler, the ratio is taken to the trainer's
+    pi_old, so each token's loss is weighted by min(pi_old(a) / pi_sampler(a), cap). [B, T], no
+    gradient."""
+    return torch.exp(train_logprobs - sampler_logprobs).clamp(max=cap).detach()
+
+
+def value_loss(values, old_values, returns, mask, clip_eps, agg="token-mean", denom=None,
+               token_norm=None):
     """Clipped value loss (as in OpenAI baselines and OpenRLHF):
         V_clip = V_old + clip(V - V_old, -eps, eps);  L = 1/2 max((V - R)^2, (V_clip - R)^2)"""
     v_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)  # [B, T]
     loss_tok = 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2)  # [B, T]
-    loss = aggregate(loss_tok, mask, agg, denom)
+    loss = aggregate(loss_tok, mask, agg, denom, token_norm)
     with torch.no_grad():
         clipped = ((values - old_values).abs() > clip_eps).float()  # [B, T]
         stats = {"vf_clipfrac": masked_mean(clipped, mask).item()}
     return loss, stats
 
 
-def aggregate(loss, mask, agg="token-mean", denom=None):
-    """Reduce a per-token loss [B, T] to a scalar. `denom` overrides the local count (tokens for
-    token-mean, sequences otherwise) so that micro-batches and ranks add up to the mean over the
-    whole minibatch."""
+def aggregate(loss, mask, agg="token-mean", denom=None, token_norm=None):
+    """Reduce a per-token loss [B, T] to a scalar:
+        token-mean               the mean over every token of the batch
+        seq-mean                 each sequence's token mean, then the mean over sequences
+        seq-mean-token-sum-norm  each sequence's token sum / token_norm, a constant (the generation
+                                 budget), then the mean over sequences (Dr. GRPO, Liu et al. 2025)
+    `denom` replaces the count of the last division (tokens for token-mean, sequences otherwise),
+    so that micro-batches and ranks add up to the mean over the whole minibatch; the result never
+    depends on how the rows are split, nor on the padded width of a split."""
     if agg == "token-mean":
         return (loss * mask).sum() / (denom if denom is not None else mask.sum().clamp(min=1))
     if agg == "seq-mean":
         per_seq = (loss * mask).sum(1) / mask.sum(1).clamp(min=1)  # [B]
-    elif agg == "seq-mean-token-sum-norm":  # Dr. GRPO: divide by a constant, not by row lengths
-        per_seq = (loss * mask).sum(1) / mask.shape[1]  # [B]
+    elif agg == "seq-mean-token-sum-norm":
+        if not token_norm:
+            raise ValueError("seq-mean-token-sum-norm divides by a constant: give token_norm")
+        per_seq = (loss * mask).sum(1) / token_norm  # [B]
     else:
         raise ValueError(agg)
     return per_seq.sum() / (denom if denom is not None else mask.shape[0])

@@ -64,16 +64,23 @@ class Config(common.RunFlags):
     top_k: int = arg(0, "top-k sampling, 0 = off (OpenRLHF off)")
     generate_batch_size: int = arg(64, "rows per generate call on each rank (KV cache memory)")
     engine: str = arg("fast", "fast: engine.generate | plain: rollout.generate (same samples)")
+    stop_at_answer: bool = arg(False, "end responses at </answer>; false: EOS or length (OpenRLHF)")
+    filter_groups: bool = arg(False, "drop groups that all scored alike, sample others (DAPO)")
+    max_sample_rounds: int = arg(10, "--filter_groups: sampling rounds a step may take at most")
     # --- reward (verifier.verify)
     format_reward: float = arg(-1.0, "reward for a broken format (study: -1)")
     wrong_reward: float = arg(0.0, "reward for a well-formed wrong answer (study: 0)")
     correct_reward: float = arg(1.0, "reward for the right letter (study: +1)")
     strict_format: bool = arg(False, "refuse text before <think> (the study's validator allows it)")
     penalize_template_copy: bool = arg(False, "score a copy of the prompt's placeholders as broken")
+    overlong_buffer: int = arg(0, "> 0: the budget's last N tokens cost up to --overlong_penalty "
+                                  "(DAPO eq. 13)")
+    overlong_penalty: float = arg(1.0, "the largest overlong penalty (DAPO 1.0)")
     # --- advantages and KL
-    advantage: str = arg("gae", "gae (PPO with a critic, the study) | grpo | drgrpo | rloo")
+    advantage: str = arg("gae", "gae (PPO with a critic, the study) | grpo | drgrpo | rloo | "
+                                "reinforce_pp")
     gamma: float = arg(1.0, "discount (OpenRLHF 1.0)")
-    lam: float = arg(0.95, "GAE lambda (OpenRLHF 0.95)")
+    lam: float = arg(1.0, "GAE lambda (OpenRLHF 1.0 from v0.5.7; 0.95 before: README)")
     whiten_advantages: bool = arg(True, "GAE advantages to mean 0, std 1 (OpenRLHF does)")
     kl_coef: float = arg(0.01, "beta, the KL coefficient (OpenRLHF init_kl_coef 0.01)")
     kl_estimator: str = arg("k1", "k1 | k2 | k3 (Schulman 2020; OpenRLHF k1)")
@@ -85,18 +92,28 @@ class Config(common.RunFlags):
     train_batch_size: int = arg(128, "samples per optimizer step, over all ranks (OpenRLHF 128)")
     micro_batch_size: int = arg(4, "samples per forward and backward on each rank")
     clip_eps: float = arg(0.2, "PPO clip range (OpenRLHF 0.2)")
+    clip_eps_high: float = arg(0.0, "> 0: upper clip range, clip-higher (DAPO 0.28); 0: clip_eps")
+    ratio_level: str = arg("token", "token (PPO) | sequence (GSPO: the sequence's ratio)")
     value_clip_eps: float = arg(0.2, "value clip range (OpenRLHF 0.2)")
     entropy_coef: float = arg(0.0, "entropy bonus (OpenRLHF 0)")
-    loss_agg: str = arg("token-mean", "token-mean | seq-mean | seq-mean-token-sum-norm (Dr. GRPO)")
+    loss_agg: str = arg("seq-mean", "seq-mean (OpenRLHF v0.5.7-0.6) | token-mean | "
+                                    "seq-mean-token-sum-norm (Dr. GRPO)")
     actor_lr: float = arg(1e-6, "actor learning rate (OpenRLHF 1e-6)")
     critic_lr: float = arg(9e-6, "critic learning rate (OpenRLHF 9e-6)")
     warmup_ratio: float = arg(0.03, "linear warm-up share of the updates (OpenRLHF 0.03)")
     min_lr_ratio: float = arg(0.1, "cosine decay to this share of the peak (OpenRLHF 0.1)")
     weight_decay: float = arg(0.0, "AdamW weight decay (OpenRLHF 0)")
     max_grad_norm: float = arg(1.0, "gradient clipping (OpenRLHF 1.0)")
-    recompute_logprobs: bool = arg(False, "old log-probs from a training forward, not the sampler")
+    recompute_logprobs: str = arg("auto", "old log-probs from a training forward: true | false | "
+                                          "auto (when not fp32, as OpenRLHF)")
+    tis_cap: float = arg(0.0, "> 0: weight token losses by min(pi_old / pi_sampler, cap) (TIS)")
     pack_samples: bool = arg(True, "each prompt once for its samples in the forwards (model.pack)")
     forward_token_budget: int = arg(16384, "tokens per reference / critic forward; 0: all at once")
+    # --- held-out evaluation (eval.py's decoding and scoring)
+    eval_every: int = arg(4, "evaluate at step 0 and every N steps (the study: 4); 0: never")
+    eval_data: str = arg("medqa_test,mmlu_pro_health", "comma-separated eval.py data sets")
+    eval_limit: int = arg(0, "the first N questions of each set (0: all)")
+    eval_max_new_tokens: int = arg(0, "greedy response limit (0: eval.py's for the prompt style)")
     # --- the run (common.RunFlags holds the rest)
     out_dir: str = arg("runs/ppo", "metrics.jsonl, rollouts.jsonl and checkpoints/ go here")
 
@@ -112,14 +129,17 @@ PRESETS = {
                  n_samples_per_prompt=4, max_new_tokens=128, advantage="grpo", train_batch_size=16,
                  micro_batch_size=4, generate_batch_size=16, actor_lr=2e-5, warmup_ratio=0.0,
                  kl_coef=0.01, penalize_template_copy=True, max_steps=12, save_every=4,
-                 device="cpu", dtype="float32", gradient_checkpointing=False, out_dir="runs/demo"),
+                 loss_agg="token-mean", stop_at_answer=True, eval_every=4, eval_data="medqa_test",
+                 eval_limit=16, eval_max_new_tokens=128, device="cpu", dtype="float32",
+                 gradient_checkpointing=False, out_dir="runs/demo"),
     # a tiny random model, a few steps, a checkpoint after each: the test suite's end-to-end run
     "smoke": dict(model="tiny-qwen2", train_data="medqa_dev", prompt_style="r1",
                   rollout_batch_size=4, n_samples_per_prompt=2, max_new_tokens=16,
                   max_prompt_tokens=4096, train_batch_size=4, micro_batch_size=2,
                   generate_batch_size=8, ppo_epochs=2, actor_lr=1e-4, critic_lr=1e-4,
-                  warmup_ratio=0.0, max_steps=3, save_every=1, device="cpu", dtype="float32",
-                  gradient_checkpointing=False, out_dir="runs/smoke"),
+                  warmup_ratio=0.0, max_steps=3, save_every=1, stop_at_answer=True, eval_every=0,
+                  device="cpu", dtype="float32", gradient_checkpointing=False,
+                  out_dir="runs/smoke"),
 }
 
 
@@ -131,12 +151,25 @@ def check_config(cfg: Config, world: int = 1) -> list:
     """Settings that cannot work, each with the flag to change and why."""
     bad = []
     n_rows = cfg.rollout_batch_size * cfg.n_samples_per_prompt
-    critic_free = cfg.advantage in ("grpo", "drgrpo", "rloo")
-    if cfg.advantage != "gae" and not critic_free:
-        bad.append(f"--advantage {cfg.advantage!r}: choose gae, grpo, drgrpo or rloo")
-    if critic_free and cfg.n_samples_per_prompt < 2:
-        bad.append(f"--advantage {cfg.advantage} compares samples of one prompt: "
-                   f"--n_samples_per_prompt must be >= 2")
+    groups = cfg.advantage in ("grpo", "drgrpo", "rloo")  # advantages relative to a group
+    if cfg.advantage not in ("gae", "grpo", "drgrpo", "rloo", "reinforce_pp"):
+        bad.append(f"--advantage {cfg.advantage!r}: choose gae, grpo, drgrpo, rloo or "
+                   f"reinforce_pp")
+    if (groups or cfg.filter_groups) and cfg.n_samples_per_prompt < 2:
+        bad.append(f"--advantage {cfg.advantage} or --filter_groups compares samples of one "
+                   f"prompt: --n_samples_per_prompt must be >= 2")
+    if cfg.recompute_logprobs not in ("auto", "true", "false"):
+        bad.append(f"--recompute_logprobs {cfg.recompute_logprobs!r}: choose auto, true or false")
+    if cfg.tis_cap > 0 and cfg.recompute_logprobs == "false":
+        bad.append("--tis_cap weights by pi_old / pi_sampler: it needs the old log-probs of a "
+                   "training forward (--recompute_logprobs true or auto)")
+    if cfg.ratio_level not in ("token", "sequence"):
+        bad.append(f"--ratio_level {cfg.ratio_level!r}: choose token or sequence")
+    if cfg.overlong_buffer >= cfg.max_new_tokens:
+        bad.append(f"--overlong_buffer {cfg.overlong_buffer} must be smaller than "
+                   f"--max_new_tokens {cfg.max_new_tokens}")
+    if cfg.eval_every and not cfg.eval_data:
+        bad.append("--eval_every needs --eval_data (comma-separated eval.py set names or files)")
     if cfg.kl_estimator not in ("k1", "k2", "k3"):
         bad.append(f"--kl_estimator {cfg.kl_estimator!r}: choose k1, k2 or k3")
     if cfg.loss_agg not in ("token-mean", "seq-mean", "seq-mean-token-sum-norm"):
@@ -173,24 +206,38 @@ def ppo_step(cfg: Config, run, models, questions, step: int, kl_coef: float, tim
     # 3. Score each response with the verifier: -1 broken format, 0 wrong letter, +1 right letter.
     with timer("score"):
         exp.scores, samples = experience.score_responses(cfg, models.tokenizer, prompts, exp, step)
-    # 4. The frozen reference's log-probs and the critic's values, on the same tokens.
-    exp.old_logprobs, exp.ref_logprobs, exp.values = experience.reference_and_critic(
+    sampling = {}
+    if cfg.filter_groups:  # DAPO: groups that all scored alike make way for other prompts' groups
+        exp, samples, sampling = experience.keep_varied_groups(cfg, run, models, questions, step,
+                                                               exp, samples, timer)
+    if cfg.overlong_buffer:  # DAPO: the last tokens of the budget cost a little, then more
+        exp.scores = exp.scores + ppo.overlong_penalty(exp.mask.sum(1), cfg.max_new_tokens,
+                                                       cfg.overlong_buffer, cfg.overlong_penalty)
+    # 4. The same tokens' log-probs by a training forward of the policy and by the frozen
+    #    reference, and the critic's values. PPO's old log-probs are the training forward's where
+    #    the sampler's differ from them (bf16: --recompute_logprobs auto), else the sampler's.
+    exp.train_logprobs, exp.ref_logprobs, exp.values = experience.reference_and_critic(
         cfg, models, exp, timer)
+    exp.old_logprobs = exp.train_logprobs if recompute_logprobs(cfg) else exp.sampler_logprobs
     # 5. Token rewards: r_t = -beta * KL_t on every token, plus the verifier's score on the last.
     exp.kl = ppo.kl_penalty(exp.old_logprobs, exp.ref_logprobs, cfg.kl_estimator) * exp.mask
     beta = kl_coef if cfg.kl_in_reward else 0.0  # else beta * KL is a loss term (step 7, GRPO)
     rewards = ppo.token_rewards(exp.kl, exp.scores, exp.mask, beta)  # [N, T]
     # 6. Advantages: GAE over the critic's values, whitened over every rank's tokens; without a
-    #    critic, the score relative to the prompt's group plus the KL rewards still to come.
+    #    critic, the whitened returns (REINFORCE++), or the score relative to the prompt's group
+    #    plus the KL rewards still to come (GRPO, Dr. GRPO, RLOO).
+    exp.returns = torch.zeros_like(exp.mask)
     if models.critic is not None:
         exp.advantages, exp.returns = ppo.gae(rewards, exp.values, exp.mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             exp.advantages = ppo.whiten(exp.advantages, exp.mask, distributed.all_reduce_dict)
+    elif cfg.advantage == "reinforce_pp":
+        exp.advantages = ppo.reinforce_pp_advantages(rewards, exp.mask, cfg.gamma,
+                                                     distributed.all_reduce_dict)
     else:
         exp.advantages = ppo.critic_free_advantages(exp.scores, exp.kl, exp.mask,
                                                     cfg.n_samples_per_prompt, cfg.advantage, beta)
-        exp.returns = torch.zeros_like(exp.advantages)
-    metrics = {"step": step, **step_metrics(exp, samples)}
+    metrics = {"step": step, **step_metrics(exp, samples), **sampling}
     if skipped := skip_reason(cfg, exp, samples):  # a non-finite reward, or no signal at all
         return {**metrics, "skipped": skipped}, samples
     # 7. PPO epochs over minibatches: the clipped surrogate for the actor, the clipped value loss
@@ -203,27 +250,36 @@ def ppo_step(cfg: Config, run, models, questions, step: int, kl_coef: float, tim
                     logprobs, entropy = response_logprobs(models.policy, micro.batch,
                                                           cfg.temperature, return_entropy=True,
                                                           entropy_grad=cfg.entropy_coef != 0)
-                actor_loss, clip_stats = ppo.policy_loss(logprobs, micro.old_logprobs,
-                                                         micro.advantages, micro.mask,
-                                                         cfg.clip_eps, cfg.loss_agg, micro.denom)
-                mean_entropy = ppo.aggregate(entropy, micro.mask, cfg.loss_agg, micro.denom)
+                actor_loss, clip_stats = ppo.policy_loss(
+                    logprobs, micro.old_logprobs, micro.advantages, micro.mask, cfg.clip_eps,
+                    cfg.loss_agg, micro.denom, clip_eps_high=cfg.clip_eps_high or None,
+                    ratio_level=cfg.ratio_level, token_weights=micro.tis_weights,
+                    token_norm=cfg.max_new_tokens)
+                mean_entropy = micro.mean(entropy)
                 loss = actor_loss - cfg.entropy_coef * mean_entropy
                 if not cfg.kl_in_reward:  # GRPO: beta * k3 KL to the reference as a loss term
                     k3 = ppo.kl_penalty(logprobs, micro.ref_logprobs, "k3")  # [b, T]
-                    loss = loss + cfg.kl_coef * ppo.aggregate(k3, micro.mask, cfg.loss_agg,
-                                                              micro.denom)
+                    loss = loss + kl_coef * micro.mean(k3)
                 (loss * run.world).backward()  # x world: FSDP averages the ranks' gradients
                 update.add_actor(micro.mask, actor_loss, mean_entropy, clip_stats)
                 if models.critic is not None:
                     with autocast(cfg, run.device):
                         values = response_values(models.critic, micro.batch)  # [b, T]
-                    critic_loss, value_stats = ppo.value_loss(values, micro.values, micro.returns,
-                                                              micro.mask, cfg.value_clip_eps,
-                                                              cfg.loss_agg, micro.denom)
+                    critic_loss, value_stats = ppo.value_loss(
+                        values, micro.values, micro.returns, micro.mask, cfg.value_clip_eps,
+                        cfg.loss_agg, micro.denom, token_norm=cfg.max_new_tokens)
                     (critic_loss * run.world).backward()
                     update.add_critic(micro.mask, critic_loss, value_stats)
             optimizer_step(cfg, models, update)  # never steps on a non-finite gradient
     return {**metrics, **update.summary(models.critic is not None)}, samples
+
+
+def recompute_logprobs(cfg: Config) -> bool:
+    """Whether PPO's old log-probs are a training forward's: always with --tis_cap (its weights are
+    pi_old / pi_sampler); with auto, whenever the compute dtype is not fp32."""
+    if cfg.recompute_logprobs == "auto":
+        return cfg.dtype != "float32" or cfg.tis_cap > 0
+    return cfg.recompute_logprobs == "true"
 
 
 # ==================================================================================================
@@ -239,7 +295,14 @@ class MicroBatch:
     advantages: torch.Tensor  # [b, T]
     returns: torch.Tensor  # [b, T]
     values: torch.Tensor  # [b, T] the critic's values at sampling time (the value clip's anchor)
+    tis_weights: torch.Tensor | None  # [b, T] min(pi_old / pi_sampler, --tis_cap), or None
     denom: float  # what every loss term divides by: the whole global minibatch's tokens or rows
+    agg: str  # --loss_agg
+    token_norm: int  # Dr. GRPO's constant: the generation budget, --max_new_tokens
+
+    def mean(self, per_token: torch.Tensor) -> torch.Tensor:
+        """This micro-batch's share of the minibatch's mean of a per-token loss [b, T]."""
+        return ppo.aggregate(per_token, self.mask, self.agg, self.denom, self.token_norm)
 
 
 def minibatches(cfg: Config, step: int, exp: experience.Experience, world: int):
@@ -268,9 +331,13 @@ def micro_batch(cfg: Config, exp: experience.Experience, start: int, denom: floa
     T = int(exp.mask[rows].sum(1).max())
     batch = response_batch(exp.sequences[rows], exp.attention_mask[rows], exp.mask[rows],
                            cfg.pack_samples)
+    tis_weights = None
+    if cfg.tis_cap > 0:
+        tis_weights = ppo.truncated_is_weights(exp.old_logprobs[rows, :T],
+                                               exp.sampler_logprobs[rows, :T], cfg.tis_cap)
     return MicroBatch(batch, exp.mask[rows, :T], exp.old_logprobs[rows, :T],
                       exp.ref_logprobs[rows, :T], exp.advantages[rows, :T], exp.returns[rows, :T],
-                      exp.values[rows, :T], denom)
+                      exp.values[rows, :T], tis_weights, denom, cfg.loss_agg, cfg.max_new_tokens)
 
 
 UPDATE_SUMS = ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl", "vf_clipfrac",
@@ -340,6 +407,7 @@ def step_metrics(exp: experience.Experience, samples: list[dict]) -> dict:
     """Means over every sample of every rank of what the verifier and the models said."""
     mask, values, returns = exp.mask, exp.values, exp.returns
     sums = {"n": len(samples), "reward": sum(s["reward"] for s in samples),
+            "score": exp.scores.sum().item(),  # the reward trained on (with DAPO's shaping)
             "accuracy": sum(s["correct"] for s in samples),
             "format_rate": sum(s["format_ok"] for s in samples),
             "no_letter_rate": sum(s["format_ok"] and s["pred"] is None for s in samples),
@@ -361,7 +429,21 @@ def step_metrics(exp: experience.Experience, samples: list[dict]) -> dict:
     var_r = total["ev_r2"] / total["ev_n"] - (total["ev_r"] / total["ev_n"]) ** 2
     var_d = total["ev_d2"] / total["ev_n"] - (total["ev_d"] / total["ev_n"]) ** 2
     metrics["explained_variance"] = 1 - var_d / var_r if var_r > 1e-12 else float("nan")
-    return metrics
+    return {**metrics, **sampler_gap(exp)}
+
+
+def sampler_gap(exp: experience.Experience) -> dict:
+    """How far the sampler's log-probs are from a training forward's on the same tokens, over every
+    token of every rank: the mean and largest |log p_sampler - log p_train|, and the share of tokens
+    whose ratio p_train / p_sampler is outside [0.5, 2]. Numerics alone (fp32: about 1e-6); in bf16
+    the gap that --recompute_logprobs and --tis_cap are for."""
+    gap = (exp.sampler_logprobs - exp.train_logprobs).abs() * exp.mask  # [N, T]
+    sums = distributed.all_reduce_dict({"gap": gap.sum().item(), "tokens": exp.mask.sum().item(),
+                                        "far": ((gap > math.log(2)) * exp.mask).sum().item()})
+    largest = distributed.all_reduce_dict({"max": gap.max().item()}, op="max")["max"]
+    tokens = max(sums["tokens"], 1)
+    return {"sampler_gap_mean": sums["gap"] / tokens, "sampler_gap_max": largest,
+            "sampler_ratio_outside_half_to_2": sums["far"] / tokens}
 
 
 def skip_reason(cfg: Config, exp: experience.Experience, samples: list[dict]) -> str:
@@ -400,15 +482,15 @@ class Models:
 
 def load_models(cfg: Config, run) -> Models:
     """The policy and critic (fp32 master weights; from the checkpoint when resuming) and the
-    reference (the same base as the policy), each sharded with FSDP2 under torchrun. On one GPU
-    with bf16 the reference holds bf16 weights, as autocast computes the policy's forwards."""
+    reference (the same base as the policy), each sharded with FSDP2 under torchrun. The reference
+    holds fp32 weights and runs as the policy runs (autocast, or FSDP's bf16 policy), so that on the
+    same weights the two give the same log-probs and the KL starts at exactly 0."""
     amp = cfg.dtype == "bfloat16" and run.device.type == "cuda"
     resumed = run.resume_from
     policy, tokenizer = load_policy(str(resumed / "policy") if resumed else cfg.model,
                                     dtype="float32", device=run.device,
                                     gradient_checkpointing=cfg.gradient_checkpointing)
-    reference_dtype = "bfloat16" if amp and not distributed.is_distributed() else "float32"
-    reference, _ = load_policy(cfg.model, dtype=reference_dtype, device=run.device)
+    reference, _ = load_policy(cfg.model, dtype="float32", device=run.device)
     reference.requires_grad_(False)
     critic = None
     if cfg.advantage == "gae":

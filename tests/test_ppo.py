@@ -168,16 +168,113 @@ def test_loss_aggregations():
     mask, lengths, r = random_batch(seed=5)
     x = r()
     per_row = [x[i, :n].numpy() for i, n in enumerate(lengths)]
-    T = mask.shape[1]
+    budget = 16  # Dr. GRPO's constant: the generation budget, not the batch's padded width (9)
     expect = {"token-mean": np.concatenate(per_row).mean(),
               "seq-mean": np.mean([p.mean() for p in per_row]),
-              "seq-mean-token-sum-norm": np.mean([p.sum() / T for p in per_row])}
+              "seq-mean-token-sum-norm": np.mean([p.sum() / budget for p in per_row])}
     for agg, value in expect.items():
-        assert ppo.aggregate(x, mask, agg).item() == pytest.approx(value), agg
+        assert ppo.aggregate(x, mask, agg, token_norm=budget).item() == pytest.approx(value), agg
+    with pytest.raises(ValueError, match="token_norm"):
+        ppo.aggregate(x, mask, "seq-mean-token-sum-norm")
     # an explicit denominator lets micro-batches add up to the whole batch's mean
     halves = [ppo.aggregate(x[s], mask[s], "token-mean", denom=mask.sum())
               for s in (slice(0, 2), slice(2, 5))]
     assert sum(halves).item() == pytest.approx(ppo.aggregate(x, mask).item())
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean", "seq-mean-token-sum-norm"])
+def test_every_aggregation_is_the_same_for_any_split_and_any_padded_width(agg):
+    """Rows split into micro-batches, each trimmed to its own longest row (as the trainer trims),
+    each divided by the whole batch's count: the sum is the whole batch's loss, for every agg."""
+    mask, lengths, r = random_batch(seed=8)
+    x = r()
+    denom = mask.sum() if agg == "token-mean" else len(lengths)
+    whole = ppo.aggregate(x, mask, agg, denom, token_norm=16)
+    for rows in ([[0, 1], [2, 3, 4]], [[0], [1], [2], [3], [4]], [[1, 3], [0, 2, 4]]):
+        parts = []
+        for part in rows:
+            width = max(lengths[i] for i in part)  # trimmed to the part's longest response
+            parts.append(ppo.aggregate(x[part, :width], mask[part, :width], agg, denom,
+                                       token_norm=16))
+        assert sum(parts).item() == pytest.approx(whole.item(), abs=1e-12), rows
+
+
+def test_clip_higher_lets_a_ratio_rise_further_than_it_may_fall():
+    """DAPO: clip(ratio, 1 - eps_low, 1 + eps_high); with eps_high > eps_low a token whose
+    probability went up keeps a gradient until 1 + eps_high."""
+    mask = torch.ones(1, 3, dtype=torch.float64)
+    old = torch.zeros(1, 3, dtype=torch.float64)
+    new = torch.log(torch.tensor([[1.1, 1.25, 0.75]], dtype=torch.float64)).requires_grad_()
+    adv = torch.tensor([[1.0, 1.0, -1.0]], dtype=torch.float64)
+    loss, stats = ppo.policy_loss(new, old, adv, mask, 0.2, clip_eps_high=0.28)
+    loss.backward()
+    # token 1 (ratio 1.25, A > 0) is inside [0.8, 1.28]: it still pulls; with the symmetric clip
+    # not. Token 2 (ratio 0.75, A < 0) is clipped below: no gradient either way.
+    assert new.grad[0, 1] != 0 and new.grad[0, 0] != 0 and new.grad[0, 2] == 0
+    expect = -(1.1 * 1 + 1.25 * 1 + 0.8 * -1) / 3  # token 2: ratio 0.75 < 0.8, clipped, A < 0
+    assert loss.item() == pytest.approx(expect)
+    assert stats["clipfrac"] == pytest.approx(1 / 3)
+    symmetric = new.detach().clone().requires_grad_()
+    ppo.policy_loss(symmetric, old, adv, mask, 0.2)[0].backward()
+    assert symmetric.grad[0, 1] == 0
+
+
+def test_gspo_sequence_ratio_is_the_length_normalised_sequence_ratio_on_every_token():
+    mask, lengths, r = random_batch(seed=9)
+    logprobs = (-r().abs() * 0.1).requires_grad_()
+    old = -r().abs() * 0.1
+    log_s = ppo.sequence_log_ratio(logprobs, old, mask)
+    for i, n in enumerate(lengths):
+        expect = (logprobs[i, :n] - old[i, :n]).mean().item()  # (1 / |y|) log(pi(y) / pi_old(y))
+        assert torch.allclose(log_s[i, :n], torch.full((n,), expect, dtype=torch.float64))
+    # the gradient of token t goes to its own log-prob, scaled by the sequence ratio
+    weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(1),
+                          dtype=torch.float64) * mask
+    (torch.exp(log_s) * weights).sum().backward()
+    seq_ratio = torch.exp(log_s.detach())
+    assert torch.allclose(logprobs.grad, seq_ratio * weights)
+    # the clip acts per sequence: every token of a row is in or out together
+    adv = torch.ones_like(mask)
+    _, stats = ppo.policy_loss(logprobs, old, adv, mask, 1e-4, ratio_level="sequence")
+    outside = [((seq_ratio[i, 0] - 1).abs() > 1e-4).item() for i in range(len(lengths))]
+    expect = sum(n * o for n, o in zip(lengths, outside)) / sum(lengths)
+    assert stats["clipfrac"] == pytest.approx(expect)
+
+
+def test_truncated_importance_weights_cap_the_sampler_ratio():
+    train = torch.log(torch.tensor([[0.5, 0.2, 0.9]]))
+    sampler = torch.log(torch.tensor([[0.25, 0.4, 0.3]]))
+    weights = ppo.truncated_is_weights(train, sampler, cap=2.5)
+    assert torch.allclose(weights, torch.tensor([[2.0, 0.5, 2.5]]))
+    loss, _ = ppo.policy_loss(train, train, torch.ones(1, 3), torch.ones(1, 3), 0.2,
+                              token_weights=weights)
+    assert loss.item() == pytest.approx(-(2.0 + 0.5 + 2.5) / 3)
+
+
+def test_reinforce_pp_advantages_are_whitened_returns_to_go():
+    mask, lengths, r = random_batch(seed=10)
+    rewards, gamma = r() * mask, 0.9
+    got = ppo.reinforce_pp_advantages(rewards, mask, gamma)
+    returns = [[sum(gamma ** (k - t) * rewards[i, k].item() for k in range(t, n))
+                for t in range(n)] for i, n in enumerate(lengths)]
+    flat = np.concatenate(returns)
+    white = (flat - flat.mean()) / (flat.std() + 1e-8)
+    got_flat = np.concatenate([got[i, :n].numpy() for i, n in enumerate(lengths)])
+    assert got_flat == pytest.approx(white, abs=1e-9)
+    assert (got[mask == 0] == 0).all()
+
+
+def test_varied_groups_are_those_not_all_scored_alike():
+    scores = torch.tensor([1.0, 1.0, 0.0, 0.0, -1.0, 1.0, 0.0, 0.0])
+    assert ppo.varied_groups(scores, 2).tolist() == [False, False, True, False]
+    assert ppo.varied_groups(scores, 4).tolist() == [True, True]
+
+
+def test_overlong_penalty_is_dapo_eq_13():
+    lengths = torch.tensor([10, 12, 14, 16, 20])
+    got = ppo.overlong_penalty(lengths, max_len=16, buffer=4, factor=0.5)
+    # 0 up to 16 - 4 = 12 tokens, then (12 - |y|) / 4, down to -1 at 16 and beyond; times 0.5
+    assert got.tolist() == pytest.approx([0.0, 0.0, -0.25, -0.5, -0.5])
 
 
 @pytest.mark.parametrize("kind", ["grpo", "drgrpo", "rloo"])
