@@ -10,6 +10,7 @@ algorithm.
     time of each phase of a step (`PhaseTimer`);
   - the housekeeping around each step (`StepLoop`): the progress bar, SIGTERM and Ctrl-C, steps
     skipped for non-finite values, metrics.jsonl, checkpoints;
+  - held-out evaluation during training (`HeldOutEval`), eval.py's decoding and scoring;
   - the command line (`cli`): an error the user can fix ends with its message, not a traceback.
 """
 import argparse
@@ -30,6 +31,9 @@ from tqdm import tqdm
 import checkpoint
 import data
 import distributed
+import engine
+import eval as evaluation  # `eval` itself would hide the builtin
+import rollout
 from ppo import lr_schedule
 
 
@@ -278,6 +282,51 @@ class StepLoop:
     def close(self):
         self.bar.close()
         distributed.cleanup()
+
+
+class HeldOutEval:
+    """Evaluation during training, as the study did (MedQA test accuracy every 4 steps, its
+    Figure 2): at step 0 and every cfg.eval_every steps, greedy responses to each set of
+    cfg.eval_data, decoded and scored exactly as eval.py does it (eval.predict and eval.metrics);
+    each rank answers its share of the questions and rank 0 writes one line a set to eval.jsonl."""
+
+    def __init__(self, run: Run, cfg, tokenizer):
+        self.run, self.cfg, self.tokenizer = run, cfg, tokenizer
+        names = [name.strip() for name in cfg.eval_data.split(",") if name.strip()]
+        self.sets = {}
+        if cfg.eval_every:
+            for name in names:
+                records = data.load_dataset(name, cfg.data_dir or None)
+                self.sets[name] = records[:cfg.eval_limit] if cfg.eval_limit else records
+        self.max_new_tokens = (cfg.eval_max_new_tokens
+                               or evaluation.default_max_new_tokens(cfg.prompt_style))
+
+    def due(self, step: int) -> bool:
+        return bool(self.sets) and step % self.cfg.eval_every == 0
+
+    def __call__(self, step: int, policy) -> dict:
+        """Evaluate; returns {set name: accuracy} for the progress bar."""
+        run, cfg = self.run, self.cfg
+        generate = engine.generate if cfg.engine == "fast" else rollout.generate
+        accuracy = {}
+        with distributed.gathered(policy), autocast(cfg, run.device):
+            for name, records in self.sets.items():
+                started = time.time()
+                mine = list(range(run.rank, len(records), run.world))  # this rank's share
+                preds = evaluation.predict(policy, self.tokenizer, [records[i] for i in mine],
+                                           cfg.prompt_style, cfg.generate_batch_size,
+                                           self.max_new_tokens, run.device, desc=f"eval {name}",
+                                           generate=generate)
+                shares = distributed.all_gather_objects(list(zip(mine, preds)))
+                every = [pred for _, pred in sorted(p for share in shares for p in share)]
+                result = evaluation.metrics(every, cfg.seed)
+                accuracy[name] = result["accuracy"]
+                if run.rank == 0:
+                    line = {"step": step, "data": name, **result,
+                            "seconds": round(time.time() - started, 1)}
+                    with open(run.out / "eval.jsonl", "a") as f:
+                        f.write(json.dumps(line) + "\n")
+        return accuracy
 
 
 def cli(main, argv=None):

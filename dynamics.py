@@ -243,9 +243,33 @@ def markdown_table(report: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(report: list[dict], path: Path) -> bool:
+def read_held_out(path: Path) -> dict:
+    """{set name: [(step, accuracy), ...]} from a run's eval.jsonl (train_ppo.py --eval_every);
+    {} when the run has none."""
+    curves: dict[str, list] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                curves.setdefault(row["data"], []).append((row["step"], row["accuracy"]))
+    return curves
+
+
+def held_out_table(curves: dict) -> str:
+    """Held-out accuracy (%) by step, a column a set."""
+    steps = sorted({step for curve in curves.values() for step, _ in curve})
+    lines = ["| step | " + " | ".join(curves) + " |", "|" + " --- |" * (len(curves) + 1)]
+    for step in steps:
+        cells = [next((f"{100 * acc:.1f}" for s, acc in curve if s == step), "-")
+                 for curve in curves.values()]
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: list[dict], path: Path, held_out: dict | None = None) -> bool:
     """Figure 2 of the study: accuracy (top) and mean length (bottom) over steps, each step's band
-    coloured by its dominant stage. Returns False (and draws nothing) when matplotlib is not
+    coloured by its dominant stage; with `held_out` (read_held_out), the held-out accuracy of each
+    set too, the study's curve. Returns False (and draws nothing) when matplotlib is not
     installed."""
     try:
         import matplotlib
@@ -268,7 +292,10 @@ def plot(report: list[dict], path: Path) -> bool:
                 label="accuracy")
     ax_acc.plot(steps, [100 * row["format_rate"] for row in report], "--", color="gray",
                 label="format rate")
-    ax_acc.set_ylabel("% of sampled responses")
+    for name, curve in (held_out or {}).items():
+        ax_acc.plot([step for step, _ in curve], [100 * acc for _, acc in curve], "s-", ms=4,
+                    label=f"held-out accuracy, {name}")
+    ax_acc.set_ylabel("% (sampled; held-out: greedy)")
     ax_acc.legend(loc="lower right", fontsize=8)
     ax_len.plot(steps, [row["mean_chars"] for row in report], "o-", color="tab:blue", ms=3)
     ax_len.set_ylabel("mean response length (chars)")
@@ -300,17 +327,22 @@ def main(argv: list[str] | None = None) -> None:
     example_md = "".join(f"\n**{stage.replace('_', ' ')}** (step {example['step']}):\n\n"
                          f"```\n{example['response']}\n```\n"
                          for stage, example in shown.items())
+    held_out = read_held_out(args.run_dir / "eval.jsonl")
+    held_out_md = ""
+    if held_out:
+        held_out_md = f"\n### Held-out accuracy (eval.jsonl, greedy)\n\n{held_out_table(held_out)}"
     (args.run_dir / "dynamics.md").write_text(
-        f"{table}\n### The latest example of each stage\n{example_md}")
+        f"{table}{held_out_md}\n### The latest example of each stage\n{example_md}")
     thresholds = {"REASONING_WORDS": REASONING_WORDS,
                   "PREFIX_REASONING_WORDS": PREFIX_REASONING_WORDS,
                   "VERBOSE_CHARS": VERBOSE_CHARS}
     (args.run_dir / "dynamics.json").write_text(json.dumps(
-        {"thresholds": thresholds, "steps": report, "examples": shown}, indent=1))
+        {"thresholds": thresholds, "steps": report, "examples": shown, "held_out": held_out},
+        indent=1))
     print(table)
     print(f"wrote {args.run_dir / 'dynamics.md'} and dynamics.json "
           f"({len(rows)} responses, {len(report)} steps)")
-    if plot(report, args.run_dir / "dynamics.png"):
+    if plot(report, args.run_dir / "dynamics.png", held_out):
         print(f"wrote {args.run_dir / 'dynamics.png'}")
     else:
         print("matplotlib is not installed: no figure (pip install matplotlib)")

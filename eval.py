@@ -115,6 +115,7 @@ def metrics(preds: list[dict], seed: int = 0) -> dict:
         "no_letter_rate": mean(p["pred"] is None for p in preds),
         "mean_reward": mean(p["reward"] for p in preds),
         "mean_response_chars": mean(len(p["response"]) for p in preds),
+        "mean_response_tokens": mean(p["response_tokens"] for p in preds),
         # A uniform random guess over each question's options.
         "chance": mean(1 / p["n_options"] for p in preds if p.get("n_options")),
     }
@@ -136,6 +137,11 @@ def breakdowns(preds: list[dict], seed: int = 0) -> dict:
 
 # --------------------------------------------------------------------------------------------------
 # Generation
+
+def default_max_new_tokens(style: str) -> int:
+    """A direct answer is a letter; r1 and cot responses reason first."""
+    return DIRECT_MAX_NEW_TOKENS if style.startswith("direct") else MAX_NEW_TOKENS
+
 
 def resolve_model(name_or_path: str) -> str:
     """A training run folder (RUN, RUN/checkpoints or RUN/checkpoints/step_N) means its newest
@@ -349,8 +355,7 @@ def main(argv=None) -> None:
         return
     torch.manual_seed(args.seed)
     if args.max_new_tokens is None:
-        args.max_new_tokens = (DIRECT_MAX_NEW_TOKENS if args.prompt.startswith("direct")
-                               else MAX_NEW_TOKENS)
+        args.max_new_tokens = default_max_new_tokens(args.prompt)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     run_start = time.time()

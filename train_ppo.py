@@ -514,7 +514,7 @@ def add_optimizers(cfg: Config, models: Models, total_steps: int):
         models.optimizers[name], models.schedulers[name] = common.adamw(m, lr, cfg, total_updates)
 
 
-PHASES = ("generate", "score", "reference", "critic", "update")  # time_* of metrics.jsonl
+PHASES = ("generate", "score", "reference", "critic", "update", "eval")  # metrics' time_*
 
 
 def main(argv=None):
@@ -529,7 +529,11 @@ def main(argv=None):
         state = checkpoint.load_training(run.resume_from, models.trained(), models.optimizers,
                                          models.schedulers)
         start, kl_coef = state["step"] + 1, state["kl_coef"]
-    common.prepare_out_dir(run, start, ["metrics.jsonl", "rollouts.jsonl"])
+    common.prepare_out_dir(run, start, ["metrics.jsonl", "rollouts.jsonl", "eval.jsonl"])
+    held_out = common.HeldOutEval(run, cfg, models.tokenizer)
+    last_eval = {}  # the latest held-out accuracy of each set, for the progress bar
+    if start == 1 and held_out.due(0):  # the base model's accuracy, as the study's step 0
+        last_eval = held_out(0, models.policy)
     run.log(f"{cfg.preset}: {count_parameters(models.policy) / 1e6:.1f}M-parameter policy on "
             f"{run.world} x {run.device.type}, {len(questions.records)} questions, {total_steps} "
             f"steps of {cfg.rollout_batch_size} x {cfg.n_samples_per_prompt} samples")
@@ -542,12 +546,15 @@ def main(argv=None):
         if cfg.kl_target > 0:  # the adaptive KL controller (Ziegler et al. 2019)
             kl_coef = ppo.adaptive_kl(kl_coef, metrics["kl"], cfg.kl_target, cfg.kl_horizon,
                                       metrics["samples"])
+        if held_out.due(step):
+            with timer("eval"):
+                last_eval = held_out(step, models.policy)
         metrics.update(kl_coef=kl_coef, **learning_rates(models), **timer.metrics())
         every_sample = sum(distributed.all_gather_objects(samples), [])  # collective: every rank
         stop = loop.end_step(step, metrics, {"kl_coef": kl_coef,
                                              "data_position": step * cfg.rollout_batch_size},
                              tokens=metrics["response_tokens"] * metrics["samples"],
-                             postfix=progress(metrics),
+                             postfix=progress(metrics, last_eval),
                              logs={"rollouts.jsonl": sorted(every_sample, key=row_of)})
         if stop:
             break
@@ -559,11 +566,14 @@ def learning_rates(models: Models) -> dict:
     return {names[name]: s.get_last_lr()[0] for name, s in models.schedulers.items()}
 
 
-def progress(metrics: dict) -> dict:
-    """What the progress bar shows after each step."""
-    return {"reward": f"{metrics['reward']:.2f}", "acc": f"{metrics['accuracy']:.2f}",
-            "fmt": f"{metrics['format_rate']:.2f}", "tmpl": f"{metrics['template_copy_rate']:.2f}",
-            "len": f"{metrics['response_tokens']:.0f}"}
+def progress(metrics: dict, last_eval: dict) -> dict:
+    """What the progress bar shows after each step (eval: the latest held-out accuracy)."""
+    shown = {"reward": f"{metrics['reward']:.2f}", "acc": f"{metrics['accuracy']:.2f}",
+             "fmt": f"{metrics['format_rate']:.2f}", "tmpl": f"{metrics['template_copy_rate']:.2f}",
+             "len": f"{metrics['response_tokens']:.0f}"}
+    for name, accuracy in last_eval.items():
+        shown[f"eval {name}"] = f"{accuracy:.2f}"
+    return shown
 
 
 def row_of(sample: dict) -> int:
