@@ -61,7 +61,7 @@ def test_score_direct_and_cot_read_the_letter():
 
 def fake_preds(flags, meta=None):
     return [{"correct": correct, "format_ok": format_ok, "pred": pred, "reward": float(correct),
-             "response": "x" * 10, "meta": (meta or {})}
+             "response": "x" * 10, "response_tokens": 7, "meta": (meta or {})}
             for correct, format_ok, pred in flags]
 
 
@@ -73,6 +73,7 @@ def test_metrics_and_breakdowns():
     metrics = evaluation.metrics(preds)
     rates = (metrics["n"], metrics["accuracy"], metrics["format_rate"], metrics["no_letter_rate"])
     assert rates == (4, 0.5, 0.75, 0.25)
+    assert metrics["mean_response_chars"] == 10 and metrics["mean_response_tokens"] == 7
     for pred, n_options in zip(preds, [4, 4, 5, 10]):
         pred["n_options"] = n_options
     chance = (1 / 4 + 1 / 4 + 1 / 5 + 1 / 10) / 4  # the mean of 1 / options

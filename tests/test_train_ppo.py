@@ -49,6 +49,19 @@ def same_file(a, b, name="rollouts.jsonl"):
     return (a / name).read_text() == (b / name).read_text()
 
 
+def held_out(toy):
+    """Flags of an evaluation every 2 steps, on 8 of the toy questions, 4 tokens each."""
+    questions = toy[toy.index("--train_data") + 1]
+    return ["--eval_every", "2", "--eval_data", questions, "--eval_limit", "8",
+            "--eval_max_new_tokens", "4"]
+
+
+def eval_lines(out):
+    """eval.jsonl without its wall-clock field."""
+    lines = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if k != "seconds"} for line in lines]
+
+
 # ------------------------------------------------------------------------------------------------
 def test_bad_settings_stop_at_once_naming_the_flag(capsys):
     cases = ((["--preset", "nope"], "--preset 'nope': unknown"),
@@ -69,8 +82,16 @@ def test_presets_overlay_the_study_defaults():
     cfg = train_ppo.parse_config(["--preset", "paper"])
     assert (cfg.model, cfg.actor_lr, cfg.critic_lr, cfg.kl_coef, cfg.kl_estimator, cfg.gamma,
             cfg.lam, cfg.clip_eps, cfg.value_clip_eps, cfg.temperature, cfg.max_new_tokens,
-            cfg.advantage) == ("Qwen/Qwen2.5-3B", 1e-6, 9e-6, 0.01, "k1", 1.0, 0.95, 0.2, 0.2, 1.0,
+            cfg.advantage) == ("Qwen/Qwen2.5-3B", 1e-6, 9e-6, 0.01, "k1", 1.0, 1.0, 0.2, 0.2, 1.0,
                                1024, "gae")
+    # OpenRLHF v0.5.7-0.6: the sequence mean of token means; generation to EOS or the length
+    # limit; old log-probs from a training forward in bf16; the study's evaluation every 4 steps
+    assert (cfg.loss_agg, cfg.stop_at_answer, cfg.recompute_logprobs, cfg.dtype) == \
+        ("seq-mean", False, "auto", "bfloat16")
+    assert train_ppo.recompute_logprobs(cfg)
+    assert (cfg.eval_every, cfg.eval_data, cfg.eval_limit) == (4, "medqa_test,mmlu_pro_health", 0)
+    assert (cfg.clip_eps_high, cfg.ratio_level, cfg.tis_cap, cfg.filter_groups,
+            cfg.overlong_buffer) == (0.0, "token", 0.0, False, 0)  # the study's plain PPO
     cfg = train_ppo.parse_config(["--max_steps", "7", "--resume"])  # demo is the default preset
     assert cfg.model == "smollm2-135m" and cfg.max_steps == 7 and cfg.resume is True
 
@@ -123,12 +144,18 @@ def test_smoke_preset_runs_end_to_end_with_a_checkpoint_each_step(tmp_path):
 
 @pytest.mark.slow
 def test_resumed_run_equals_an_uninterrupted_one(toy, tmp_path):
-    run(toy, tmp_path / "straight")
-    crashed = run(toy + ["--save_every", "1"], tmp_path / "resumed", faults="raise@3", check=False)
+    flags = toy + held_out(toy)
+    run(flags, tmp_path / "straight")
+    crashed = run(flags + ["--save_every", "1"], tmp_path / "resumed", faults="raise@3",
+                  check=False)
     assert crashed.returncode != 0 and "injected fault at step 3" in crashed.stderr
-    run(toy + ["--save_every", "1", "--resume"], tmp_path / "resumed")
+    run(flags + ["--save_every", "1", "--resume"], tmp_path / "resumed")
     assert_same_metrics(metrics(tmp_path / "straight"), metrics(tmp_path / "resumed"))
     assert same_file(tmp_path / "straight", tmp_path / "resumed")
+    # held-out evaluation at steps 0, 2, 4, each once, the same after the resume
+    assert [line["step"] for line in eval_lines(tmp_path / "straight")] == [0, 2, 4]
+    assert eval_lines(tmp_path / "straight") == eval_lines(tmp_path / "resumed")
+    assert eval_lines(tmp_path / "straight")[0]["n"] == 8
 
 
 @pytest.mark.slow
@@ -152,7 +179,11 @@ def test_the_loop_learns_a_small_verifiable_task_and_not_with_lr_zero(toy, tmp_p
                                     "--loss_agg", "seq-mean-token-sum-norm"],
                                    ["--advantage", "rloo", "--kl_in_reward", "false"],
                                    ["--kl_target", "0.5", "--loss_agg", "seq-mean",
-                                    "--entropy_coef", "0.01"]])
+                                    "--entropy_coef", "0.01"],
+                                   ["--advantage", "reinforce_pp"],
+                                   ["--clip_eps_high", "0.28", "--ratio_level", "sequence",
+                                    "--tis_cap", "2", "--overlong_buffer", "2",
+                                    "--overlong_penalty", "0.5"]])
 def test_other_algorithm_choices_run(toy, tmp_path, flags):
     run(toy + flags + ["--max_steps", "3", "--save_every", "3"], tmp_path)
     m = metrics(tmp_path)
@@ -162,6 +193,58 @@ def test_other_algorithm_choices_run(toy, tmp_path, flags):
         assert all("value_loss" not in x for x in m)
     if "--kl_target" in flags:
         assert m[-1]["kl_coef"] != 0.01  # the adaptive controller moved beta
+    if "--overlong_buffer" in flags:  # responses of the whole budget (4 tokens) cost 0.5
+        long_share = sum(x["truncated_rate"] for x in m) / len(m)
+        assert long_share > 0 and all(x["score"] < x["reward"] for x in m if x["truncated_rate"])
+
+
+@pytest.mark.slow
+def test_in_bf16_the_old_logprobs_are_a_training_forwards_and_the_first_kl_is_zero(toy, tmp_path):
+    """--dtype bfloat16 (CPU autocast here, as on one GPU): the sampler's log-probs differ from a
+    training forward's, so PPO's old log-probs are recomputed (auto), and the reference runs as the
+    policy does: on the same weights, at step 1, the KL is exactly 0. The gap is logged."""
+    run(toy + ["--dtype", "bfloat16", "--max_steps", "2", "--save_every", "2"], tmp_path)
+    m = metrics(tmp_path)
+    assert m[0]["kl"] == 0.0 and m[1]["kl"] != 0.0
+    assert 0 < m[0]["sampler_gap_mean"] <= m[0]["sampler_gap_max"] < 1
+    assert 0 <= m[0]["sampler_ratio_outside_half_to_2"] <= 1
+    fp32 = tmp_path / "fp32"
+    run(toy + ["--max_steps", "1", "--save_every", "1"], fp32)
+    assert metrics(fp32)[0]["sampler_gap_max"] < 1e-4  # fp32: numerics only
+
+
+@pytest.mark.slow
+def test_without_stop_at_answer_a_response_runs_to_eos_or_the_limit(toy, tmp_path):
+    """--stop_at_answer false (the study's OpenRLHF): generation does not stop at </answer>, so
+    text after it reaches the verifier, which scores it as a broken format."""
+    run(toy + ["--stop_at_answer", "false", "--max_new_tokens", "6", "--max_steps", "2",
+               "--save_every", "2", "--actor_lr", "0"], tmp_path)
+    rows = [json.loads(x) for x in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
+    assert {r["finish_reason"] for r in rows} <= {"eos", "length"}
+    after = [r for r in rows if "</answer>" in r["response"]
+             and r["response"].split("</answer>", 1)[1].strip()]
+    assert after, "no response wrote past </answer>: nothing was tested"
+    assert all(r["reward"] == -1 and not r["format_ok"] for r in after)
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_replaces_groups_that_scored_alike(toy, tmp_path):
+    """--filter_groups (DAPO): a frozen random model scores most groups alike (all -1); further
+    prompts are sampled until the batch holds varied groups, and the metrics say what it took."""
+    run(toy + ["--advantage", "grpo", "--filter_groups", "--max_sample_rounds", "6",
+               "--actor_lr", "0", "--max_steps", "3", "--save_every", "3"], tmp_path)
+    m = metrics(tmp_path)
+    assert all(x["varied_group_rate"] < 1 for x in m)  # the step's own batch was not enough
+    assert all(x["sample_rounds"] > 1 for x in m)
+    rows = [json.loads(x) for x in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
+    for step in (1, 2, 3):
+        groups = {}
+        for r in rows:
+            if r["step"] == step:
+                groups.setdefault(r["row"] // 4, []).append(r["reward"])
+        assert len(groups) == 8  # the batch keeps its size
+        alike = sum(len(set(rewards)) == 1 for rewards in groups.values())
+        assert alike == m[step - 1]["alike_groups_kept"]  # only what the rounds could not fill
 
 
 @pytest.mark.slow
@@ -204,11 +287,13 @@ def test_two_processes_give_the_same_run_as_one(toy, tmp_path):
     reduced from two halves instead of summed at once), a relative error ~1e-7 per operation: 1e-5
     over 4 steps is tight yet safe."""
     from transformers import AutoModelForCausalLM
-    run(toy, tmp_path / "one")
-    run(toy, tmp_path / "two", torchrun=2)
+    run(toy + held_out(toy), tmp_path / "one")
+    run(toy + held_out(toy), tmp_path / "two", torchrun=2)
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert_same_metrics(one, two, rel=1e-5)
     assert same_file(tmp_path / "one", tmp_path / "two")
+    # each rank evaluates its share of the held-out questions: the same evaluation
+    assert eval_lines(tmp_path / "one") == eval_lines(tmp_path / "two")
     # the checkpoint written by 2 processes loads in 1 and gives the 1-process run's logits
     ids = torch.tensor([[5, 6, 7, 8, 4, 9, 10]])
     folders = [tmp_path / d / "checkpoints" / "step_000004" / "policy" for d in ("one", "two")]
