@@ -273,8 +273,9 @@ def bench_step(args):
     """One demo step twice in this run: padded rows (--pack_samples false, as a plain training loop
     would) then packed (the default: each prompt once for its samples), same samples, phase by
     phase."""
+    # no held-out evaluation: it is not part of a training step
     train_args = ["--preset", "smoke" if args.quick else "demo", "--max_steps", "1",
-                  *args.train_device]
+                  "--eval_every", "0", *args.train_device]
     runs = {name: ppo_steps(train_args + ["--pack_samples", flag], 1200)
             for name, flag in (("padded", "false"), ("packed", "true"))}
     m = {name: r["metrics"][0] for name, r in runs.items()}
@@ -288,6 +289,8 @@ def bench_step(args):
             f"(padded) | {packed_step:.1f} s ({padded_step:.1f} s) | 100%; "
             f"{padded_step / packed_step:.2f}x faster than padded |"]
     for phase in (*train_ppo.PHASES, "other"):
+        if phase == "eval":
+            continue
         if phase == "other":
             t = {n: time_of(n, "step") - sum(time_of(n, x) for x in train_ppo.PHASES) for n in m}
             label = "other (advantages, metrics, logs)"
@@ -322,7 +325,7 @@ def bench_grpo(args):
     steps = args.grpo_steps
     train_args = ["--preset", "demo", "--advantage", "grpo", "--rollout_batch_size", "1",
                   "--n_samples_per_prompt", "8", "--max_new_tokens", "128", "--train_batch_size",
-                  "8", "--max_steps", str(steps), *args.train_device]
+                  "8", "--max_steps", str(steps), "--eval_every", "0", *args.train_device]
     if args.quick:  # a tiny model, short prompts and responses: only checks that the section runs
         train_args += ["--model", "tiny-qwen2", "--max_prompt_tokens", "4096", "--max_new_tokens",
                        "16"]

@@ -71,7 +71,7 @@ class SyntheticExperience:
     def sample_responses(self, cfg, models, prompts, step):
         r = self.rows
         return experience.Experience(sequences=r["seq"], attention_mask=r["attn"], mask=r["mask"],
-                                     old_logprobs=r["old_logprobs"],
+                                     sampler_logprobs=r["old_logprobs"],
                                      finish_reason=["length"] * len(r["seq"]))
 
     def score_responses(self, cfg, tokenizer, prompts, exp, step):
