@@ -172,3 +172,29 @@ def test_run_config_sets_the_verifier_rules(tmp_path):
     assert kwargs == {"strict": True, "format_reward": -0.5}
     shares = dynamics.step_report(dynamics.classify_rows([row], kwargs))[0]["shares"]
     assert shares[FORMAT_FAILURE] == 1.0
+
+
+def test_held_out_accuracy_from_eval_jsonl_joins_the_report(tmp_path):
+    """train_ppo.py --eval_every writes eval.jsonl: its accuracy curve (the study's) goes into
+    dynamics.md, dynamics.json and the figure."""
+    response = "<think>Itching means allergy.</think><answer>B</answer>"
+    row = {"id": "q0", "prompt": "...", "response": response, "gold": "B", "options": EYE,
+           "reward": 1.0, "pred": "B", "format_ok": True, "answer_in_think": False,
+           "reasoning_outside_think": False, "template_copy": False, "response_tokens": 9,
+           "prompt_style": "r1"}
+    (tmp_path / "rollouts.jsonl").write_text(
+        "".join(json.dumps({**row, "step": step}) + "\n" for step in (1, 2, 3, 4)))
+    evaluated = [(0, "medqa_test", 0.25), (0, "mmlu_pro_health", 0.125), (4, "medqa_test", 0.5)]
+    (tmp_path / "eval.jsonl").write_text("".join(
+        json.dumps({"step": step, "data": name, "accuracy": acc, "n": 8}) + "\n"
+        for step, name, acc in evaluated))
+    curves = dynamics.read_held_out(tmp_path / "eval.jsonl")
+    assert curves == {"medqa_test": [(0, 0.25), (4, 0.5)], "mmlu_pro_health": [(0, 0.125)]}
+    assert dynamics.held_out_table(curves).splitlines()[2:] == ["| 0 | 25.0 | 12.5 |",
+                                                                "| 4 | 50.0 | - |"]
+    dynamics.main([str(tmp_path)])
+    assert "### Held-out accuracy (eval.jsonl, greedy)" in (tmp_path / "dynamics.md").read_text()
+    saved = json.loads((tmp_path / "dynamics.json").read_text())["held_out"]
+    assert saved == {"medqa_test": [[0, 0.25], [4, 0.5]], "mmlu_pro_health": [[0, 0.125]]}
+    assert (tmp_path / "dynamics.png").exists() == has_matplotlib()
+    assert dynamics.read_held_out(tmp_path / "no_such_file.jsonl") == {}
