@@ -284,8 +284,9 @@ def reference_and_critic(cfg, models, exp: Experience, timer):
     gap every step), log pi_ref [N, T], and V(s_t) [N, T] (0 without a critic).
     Returns (train, reference, values)."""
     batches = no_grad_batches(cfg, exp)  # built once, run through each model
-    with timer("reference"):
+    with timer("train_logprobs"):
         train_logprobs = forward_in_chunks(cfg, models.policy, batches, exp.mask)
+    with timer("reference"):
         ref_logprobs = forward_in_chunks(cfg, models.reference, batches, exp.mask)
     with timer("critic"):
         values = torch.zeros_like(exp.mask)  # [N, T]

@@ -514,7 +514,8 @@ def add_optimizers(cfg: Config, models: Models, total_steps: int):
         models.optimizers[name], models.schedulers[name] = common.adamw(m, lr, cfg, total_updates)
 
 
-PHASES = ("generate", "score", "reference", "critic", "update", "eval")  # metrics' time_*
+# the metrics' time_* fields
+PHASES = ("generate", "score", "train_logprobs", "reference", "critic", "update", "eval")
 
 
 def main(argv=None):

@@ -130,7 +130,8 @@ def test_smoke_preset_runs_end_to_end_with_a_checkpoint_each_step(tmp_path):
     for key in ("reward", "accuracy", "format_rate", "template_copy_rate", "kl", "entropy",
                 "policy_loss", "value_loss", "clipfrac", "approx_kl", "explained_variance",
                 "actor_grad_norm", "critic_grad_norm", "actor_lr", "time_generate", "time_score",
-                "time_reference", "time_critic", "time_update", "tokens_per_s"):
+                "time_train_logprobs", "time_reference", "time_critic", "time_update",
+                "tokens_per_s"):
         assert key in m[0], key
     rollouts = [json.loads(x) for x in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
     assert len(rollouts) == 3 * 4 * 2
