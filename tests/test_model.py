@@ -445,8 +445,12 @@ for name, forward, args, auto_class, build in cases:
     plain_out = forward(plain, ids, mask, *args)
     sharded_out.sum().backward()
     plain_out.sum().backward()
-    grads = {n: p.grad.full_tensor() for n, p in sharded.named_parameters()}
-    grad_error = max((grads[n] - p.grad).abs().max().item() for n, p in plain.named_parameters())
+    # the critic's score.bias is frozen (OpenRLHF's value head has none): it has no gradient
+    trained = [(n, p) for n, p in sharded.named_parameters() if p.requires_grad]
+    assert all(p.grad is None for p in sharded.parameters() if not p.requires_grad), name
+    grads = {n: p.grad.full_tensor() for n, p in trained}
+    grad_error = max((grads[n] - p.grad).abs().max().item()
+                     for n, p in plain.named_parameters() if p.requires_grad)
     # the gradients are read first: after a no-grad forward the root stays unsharded, and
     # named_parameters() shows the gathered copies
     with torch.no_grad():
