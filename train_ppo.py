@@ -27,6 +27,7 @@ import checkpoint
 import common
 import distributed
 import experience
+import flex
 import ppo
 from common import arg, autocast
 from model import (
@@ -64,6 +65,9 @@ class Config(common.RunFlags):
     top_k: int = arg(0, "top-k sampling, 0 = off (OpenRLHF off)")
     generate_batch_size: int = arg(64, "rows per generate call on each rank (KV cache memory)")
     engine: str = arg("fast", "fast: engine.generate | plain: rollout.generate (same samples)")
+    attention: str = arg("auto", "packed training forwards: flex (FlexAttention block masks; "
+                         "backward on CUDA only) | sdpa (the dense tree mask) | auto: flex on CUDA")
+    compile: bool = arg(False, "torch.compile each decoder layer for the training forwards")
     stop_at_answer: bool = arg(False, "end responses at </answer>; false: EOS or length (OpenRLHF)")
     filter_groups: bool = arg(False, "drop groups that all scored alike, sample others (DAPO)")
     max_sample_rounds: int = arg(10, "--filter_groups: sampling rounds a step may take at most")
@@ -175,6 +179,12 @@ def check_config(cfg: Config, world: int = 1) -> list:
     if cfg.loss_agg not in ("token-mean", "seq-mean", "seq-mean-token-sum-norm"):
         bad.append(f"--loss_agg {cfg.loss_agg!r}: choose token-mean, seq-mean or "
                    f"seq-mean-token-sum-norm")
+    if cfg.attention not in flex.ATTENTION_CHOICES:
+        bad.append(f"--attention {cfg.attention!r}: choose one of {flex.ATTENTION_CHOICES}")
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    if cfg.attention == "flex" and on_cpu:
+        bad.append("--attention flex: torch's FlexAttention has no backward on the CPU; use sdpa "
+                   "(or auto) there")
     if cfg.engine not in ("fast", "plain"):
         bad.append(f"--engine {cfg.engine!r}: choose fast or plain")
     if n_rows % cfg.train_batch_size:
@@ -499,6 +509,7 @@ def load_models(cfg: Config, run) -> Models:
                              gradient_checkpointing=cfg.gradient_checkpointing)
     for m in (policy, reference, critic):
         if m is not None:
+            flex.prepare_for_training(m, cfg.attention, cfg.compile, run.device)  # the engine's
             distributed.shard(m, layer_modules(m), mixed_precision=amp)
     models = Models(policy, reference, critic, tokenizer, run.device)
     for m in models.trained().values():

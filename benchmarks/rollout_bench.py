@@ -47,7 +47,16 @@ WORKLOADS = {  # name -> (model, batch)
     "smollm2-b32": ("smollm2-135m", 32),
     "smollm2-b128": ("smollm2-135m", 128),  # a GPU-sized rollout batch
     "random-b32": ("random", 32),
+    "smollm2-b64": ("smollm2-135m", 64),
+    # the paper's model size with random weights (model_zoo.qwen25_3b_config): no EOS, no stop
+    # string, every row runs max_new_tokens; prompts of random tokens, MedQA's lengths
+    "paper3b-b64": ("random-qwen2.5-3b", 64),
+    "paper3b-b256": ("random-qwen2.5-3b", 256),
+    "paper3b-mini-b8": ("random-qwen2.5-3b-mini", 8),  # its shape scaled down: bench.py --quick
 }
+# the scaled-down paper shape of --quick: 2 layers, hidden 256, the real vocabulary
+PAPER_MINI = dict(num_hidden_layers=2, hidden_size=256, intermediate_size=1376,
+                  num_attention_heads=16, num_key_value_heads=2)
 STOP = ["</answer>"]
 
 
@@ -86,6 +95,8 @@ def load(model_name: str, batch: int, device="cpu", dtype="float32"):
                    for i in range(batch)]
         enc = tok(prompts, return_tensors="pt", padding=True)
         return model, tok, enc["input_ids"].to(device), enc["attention_mask"].to(device), None
+    if model_name.startswith("random-qwen2.5-3b"):
+        return paper_shaped(model_name.endswith("mini"), batch, device, dtype)
     from data import build_prompt, load_dataset, tokenize_prompts
     model, tok = load_policy(model_name, dtype=dtype, device=device)
     # ../shared/data beside the repository, unless MEDRLVR_DATA says otherwise
@@ -97,7 +108,27 @@ def load(model_name: str, batch: int, device="cpu", dtype="float32"):
     return model, tok, ids.to(device), mask.to(device), STOP
 
 
+def paper_shaped(mini: bool, batch: int, device, dtype):
+    """The paper-size workload: Qwen2.5-3B's shape with random weights, and left-padded prompts of
+    random tokens whose lengths spread as MedQA's r1_chat prompts do under Qwen's tokenizer (about
+    200 to 400 tokens). EOS is disabled (eos_ids gives []): rows run to the length limit."""
+    from model_zoo import build_char_tokenizer, load_random, qwen25_3b_config
+    tok = build_char_tokenizer()  # its pad id only: the random model writes no text
+    shape = PAPER_MINI if mini else {}
+    config = qwen25_3b_config(eos_token_id=None, pad_token_id=tok.pad_token_id, **shape)
+    model = load_random(config, dtype=dtype, device=device)
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(200, 401, (batch,), generator=g)  # [B]
+    P = int(lengths.max())
+    ids = torch.randint(len(tok), config.vocab_size, (batch, P), generator=g)  # [B, P]
+    mask = (torch.arange(P)[None, :] >= P - lengths[:, None]).long()  # [B, P] left padded
+    ids = ids.masked_fill(mask == 0, tok.pad_token_id)
+    return model, tok, ids.to(device), mask.to(device), None
+
+
 def eos_ids(model, tok) -> list[int]:
+    if model.config.eos_token_id is None and model.generation_config.eos_token_id is None:
+        return []  # the paper-shaped random model: no EOS
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     return eos or [tok.eos_token_id]
@@ -164,10 +195,13 @@ def run_ours(generate, prefill_module, prefill_names, model, tok, ids, mask, max
                 step_ms=1000 * (end - prefill_done[0]) / max(steps - 1, 1))
 
 
-def run_engine(model, tok, ids, mask, max_new, stops, seed, profiler=None):
-    """The fast engine; its prefill is whichever of its two prefill functions it picks."""
-    return run_ours(engine.generate, engine, ("prefill_grouped", "prefill_padded"), model, tok, ids,
-                    mask, max_new, stops, seed, profiler)
+def run_engine(model, tok, ids, mask, max_new, stops, seed, profiler=None, decode="auto"):
+    """The fast engine; its prefill is whichever of its two prefill functions it picks. decode:
+    engine.generate's ("auto": static shapes replayed as CUDA graphs on a GPU, dynamic on the
+    CPU)."""
+    generate = functools.partial(engine.generate, decode=decode)
+    return run_ours(generate, engine, ("prefill_grouped", "prefill_padded"), model, tok, ids, mask,
+                    max_new, stops, seed, profiler)
 
 
 def run_rollout(model, tok, ids, mask, max_new, stops, seed, profiler=None):
@@ -176,16 +210,20 @@ def run_rollout(model, tok, ids, mask, max_new, stops, seed, profiler=None):
                     stops, seed, profiler)
 
 
-def run_transformers(model, tok, ids, mask, max_new, stops, seed, profiler=None):
+def run_transformers(model, tok, ids, mask, max_new, stops, seed, profiler=None, cache="dynamic"):
+    """transformers' generate; cache="static": its own fast path (a static cache, which generate
+    compiles with torch.compile on a GPU)."""
     clock = StepClock(profiler)
+    options = {"cache_implementation": "static"} if cache == "static" else {}
     torch.manual_seed(seed)
     sync(ids.device)
     start = time.perf_counter()
     seqs = model.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0,
-                          top_k=0, max_new_tokens=max_new, eos_token_id=eos_ids(model, tok),
+                          top_k=0, max_new_tokens=max_new,
+                          eos_token_id=eos_ids(model, tok) or None,
                           pad_token_id=tok.pad_token_id, stop_strings=stops,
                           tokenizer=tok if stops else None,
-                          logits_processor=LogitsProcessorList([clock]))
+                          logits_processor=LogitsProcessorList([clock]), **options)
     sync(ids.device)
     end = time.perf_counter()
     responses = seqs[:, ids.shape[1]:]  # [B, T]
@@ -195,20 +233,34 @@ def run_transformers(model, tok, ids, mask, max_new, stops, seed, profiler=None)
                 step_ms=1000 * (end - clock.times[0]) / max(steps - 1, 1))
 
 
-# name -> runner, in the order each round runs them; transformers first: the ratios are against it
-IMPLEMENTATIONS = {"transformers": run_transformers, "engine": run_engine, "rollout": run_rollout}
+def implementations(device, names=None) -> dict:
+    """name -> runner, in the order each round runs them; transformers first: the ratios are against
+    it. The engine runs with its default decode and, for the A/B, the other one; on a GPU
+    transformers' static-cache fast path runs too. `names`: only these."""
+    gpu = torch.device(device).type == "cuda"
+    other = "dynamic" if gpu else "static"
+    runners = {"transformers": run_transformers,
+               "transformers-static": functools.partial(run_transformers, cache="static"),
+               "engine": run_engine,
+               f"engine-{other}": functools.partial(run_engine, decode=other),
+               "rollout": run_rollout}
+    if not gpu:
+        del runners["transformers-static"]  # it compiles on a GPU only
+    return {name: run for name, run in runners.items() if names is None or name in names}
 
 
-def compare(model, tok, ids, mask, max_new, stops, seed=0, repeats=1, log=None) -> dict:
+def compare(model, tok, ids, mask, max_new, stops, seed=0, repeats=1, log=None,
+            names=None) -> dict:
     """Each implementation `repeats` times (seeds seed, seed + 1, ...), alternating, after a
     warm-up on two prompts (so that none pays first-call costs in a timed run). Returns
     {implementation: totals}: steps, useful tokens, wall and prefill seconds summed over the
     repeats, decode ms/step their mean."""
-    for run in IMPLEMENTATIONS.values():
+    runners = implementations(ids.device, names)
+    for run in runners.values():
         run(model, tok, ids[:2], mask[:2], 4, stops, seed)
     totals = {}
     for rep in range(repeats):  # each repeat samples with another seed; the totals sum them
-        for impl, run in IMPLEMENTATIONS.items():
+        for impl, run in runners.items():
             r = run(model, tok, ids, mask, max_new, stops, seed + rep)
             if log is not None:
                 log(f"{impl} seed {seed + rep}: {r}")
@@ -277,7 +329,7 @@ def profile(args):
     from torch.profiler import profile as torch_profile
     for name in args.workloads:
         model, tok, ids, mask, stops = load(*WORKLOADS[name], args.device, args.dtype)
-        for impl, run in IMPLEMENTATIONS.items():
+        for impl, run in implementations(ids.device).items():
             run(model, tok, ids[:2], mask[:2], 4, stops, args.seed)  # warm-up
             prof = torch_profile(activities=[ProfilerActivity.CPU])
             r = run(model, tok, ids, mask, args.max_new_tokens, stops, args.seed, profiler=prof)

@@ -282,6 +282,17 @@ def test_the_plain_engine_gives_the_fast_engines_run(toy, tmp_path):
 
 
 @pytest.mark.slow
+def test_compiled_layers_give_the_eager_run(toy, tmp_path):
+    """--compile (torch.compile of every decoder layer for the training forwards; generation is
+    untouched) gives the eager run's samples, and its losses up to float rounding, through 2 steps
+    of PPO with a critic."""
+    run(toy + ["--max_steps", "2", "--save_every", "2"], tmp_path / "eager")
+    run(toy + ["--max_steps", "2", "--save_every", "2", "--compile"], tmp_path / "compiled")
+    assert_same_metrics(metrics(tmp_path / "eager"), metrics(tmp_path / "compiled"), rel=1e-5)
+    assert same_file(tmp_path / "eager", tmp_path / "compiled")
+
+
+@pytest.mark.slow
 def test_two_processes_give_the_same_run_as_one(toy, tmp_path):
     """FSDP2 over 2 gloo ranks vs one plain process, same global batch. fp32 on CPU: every sample is
     identical (per-row sampling noise), and the only difference is summation order (a gradient is
