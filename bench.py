@@ -56,7 +56,7 @@ from benchmarks.rollout_bench import sync
 from model import count_parameters, load_critic, load_policy, response_batch
 
 ROOT = Path(__file__).resolve().parent
-SECTIONS = ["machine", "generation", "update", "step", "fsdp", "grpo"]
+SECTIONS = ["machine", "generation", "update", "step", "fsdp", "grpo", "paper"]
 GB = 1e9
 
 
@@ -161,7 +161,7 @@ def bench_generation(args, limits):
                                                           args.dtype)
         # alternating, so that all three see the same background load
         totals = rollout_bench.compare(model, tok, ids, mask, args.max_new_tokens, stops, 0,
-                                       args.gen_repeats)
+                                       args.gen_repeats, names=getattr(args, "generators", None))
         baseline = totals["transformers"]["useful"] / totals["transformers"]["wall"]
         mean_prompt = float(mask.sum(1).float().mean())
         for impl, r in totals.items():
@@ -391,6 +391,59 @@ def bench_fsdp(args):
 
 
 # ==================================================================================================
+# paper: the study's model size (Qwen2.5-3B's shape, random weights) on a GPU
+# ==================================================================================================
+PAPER_ROWS = ("decode, batch 64 and 256: tokens/s against the HBM bound (target >= 40% at 256)",
+              "update, 16 prompts x 4 samples x 512 + up to 512 tokens, packed: actor alone and "
+              "actor + critic, MFU (target >= 35%)",
+              "one paper-preset step, 16 prompts: phases (generation under half the step) and "
+              "peak GPU memory against weights + gradients + AdamW + KV cache")
+
+
+def bench_paper(args, limits):
+    """model_zoo's random model of Qwen2.5-3B's shape in bf16 (autocast over fp32 master weights in
+    the update and the step): decode as the generation section measures it, the update's MFU as
+    the update section does, one paper-preset step as the step section does. --quick: the shape
+    scaled down, on any device (checks the code runs). On a CPU otherwise: not measured (a 3B
+    update on 2 cores would take hours)."""
+    if args.device != "cuda" and not args.quick:
+        return [f"| paper | {what} | not measured: no GPU | python bench.py --only paper on a "
+                f"CUDA machine |" for what in PAPER_ROWS]
+    name = "random-qwen2.5-3b-mini" if args.quick else "random-qwen2.5-3b"
+    workloads = ["paper3b-mini-b8"] if args.quick else ["paper3b-b64", "paper3b-b256"]
+    decode = argparse.Namespace(**{**vars(args), "workloads": workloads, "gen_repeats": 1,
+                                   "generators": ["transformers", "engine"]})
+    rows = [r.replace("| generation |", "| paper |", 1) for r in bench_generation(decode, limits)]
+    sizes = dict(update_batch=64, micro_batch=16, update_group=4, prompt_len=512, response_len=512)
+    if args.quick:
+        sizes.update(update_batch=8, micro_batch=4, prompt_len=32, response_len=16)
+    update = argparse.Namespace(**{**vars(args), **sizes, "model": name, "repeats": 1})
+    rows += [r.replace("| update |", "| paper |", 1) for r in update_bench.paper_update(update,
+                                                                                       limits)]
+    step = ["--preset", "paper", "--model", name, "--rollout_batch_size", "16",
+            "--train_batch_size", "16", "--generate_batch_size", "16", "--max_steps", "1",
+            "--eval_every", "0", *args.train_device]
+    if args.quick:
+        step += ["--max_new_tokens", "16", "--train_data", "medqa_dev"]
+    r = ppo_steps(step, 1800)
+    m = r["metrics"][0]
+    rows.append(f"| paper | {' '.join(step)}: whole step ({m['response_tokens']:.0f} response "
+                f"tokens a sample) | {m['time_step']:.1f} s | 100% |")
+    for phase in train_ppo.PHASES[:-1]:  # no held-out evaluation in a step here
+        seconds = m.get(f"time_{phase}", 0.0)
+        rows.append(f"| paper | {phase} | {seconds:.1f} s | {seconds / m['time_step']:.0%} |")
+    b = r["budget"]
+    need = sum(b.values())
+    peak = next(iter(r["peak"].values()), float("nan"))
+    what = "peak GPU memory allocated" if args.device == "cuda" else "peak RSS"
+    rows.append(f"| paper | {what} of the step vs weights {b['weights'] / GB:.2f} + gradients "
+                f"{b['gradients'] / GB:.2f} + AdamW {b['adamw'] / GB:.2f} + KV cache "
+                f"{b['kv_cache'] / GB:.2f} = {need / GB:.2f} GB | {peak / GB:.2f} GB | "
+                f"{peak / need:.2f}x |")
+    return rows
+
+
+# ==================================================================================================
 def run_section(section, args, device, limits):
     """The rows of one section (and, for machine, the measured limits)."""
     if section == "machine":
@@ -403,6 +456,8 @@ def run_section(section, args, device, limits):
         return bench_step(args), limits
     if section == "fsdp":
         return bench_fsdp(args), limits
+    if section == "paper":
+        return bench_paper(args, limits), limits
     return bench_grpo(args), limits
 
 
@@ -478,7 +533,7 @@ def parse_args(argv):
     unknown = set(args.sections) - set(SECTIONS)
     if unknown:
         p.error(f"--only: unknown section(s) {sorted(unknown)}; choose from {SECTIONS}")
-    if {"generation", "update"} & set(args.sections) and "machine" not in args.sections:
+    if {"generation", "update", "paper"} & set(args.sections) and "machine" not in args.sections:
         args.sections.insert(0, "machine")  # their bounds and MFU need the measured limits
     return args
 

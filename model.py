@@ -318,12 +318,14 @@ PAD_CANDIDATES = ["<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>", "<|f
 
 def load_policy(name_or_path="smollm2-135m", dtype="float32", device="cpu",
                 gradient_checkpointing=False):
-    """(causal LM, tokenizer) by model_zoo name (smollm2-135m, tiny-qwen2, tiny-llama), Hugging Face
+    """(causal LM, tokenizer) by model_zoo name (smollm2-135m, tiny-qwen2, tiny-llama, random-...),
     folder or hub name. Returned in eval() mode (all dropout in these models is 0; train() only
     switches gradient checkpointing on)."""
     if name_or_path in model_zoo.TINY_NAMES:
         policy, tokenizer = model_zoo.load_tiny(model_zoo.TINY_NAMES[name_or_path], dtype=dtype,
                                                 device=device)
+    elif name_or_path in model_zoo.RANDOM_NAMES:  # the paper's size for benchmarks, no weights
+        policy, tokenizer = model_zoo.load_random_named(name_or_path, dtype=dtype, device=device)
     else:
         path = name_or_path
         if name_or_path == model_zoo.SMOLLM2_NAME:

@@ -30,7 +30,13 @@ import model
 
 TINY_NAMES = {"tiny-qwen2": "qwen2", "tiny-llama": "llama"}
 SMOLLM2_NAME = "smollm2-135m"
-NAMES = (*TINY_NAMES, SMOLLM2_NAME)
+# Qwen2.5-3B's shape with random weights (qwen25_3b_config), and the same scaled down to 2 layers of
+# hidden 256 (the real vocabulary) so that bench.py --quick runs the paper section anywhere
+RANDOM_NAMES = {"random-qwen2.5-3b": {},
+                "random-qwen2.5-3b-mini": dict(num_hidden_layers=2, hidden_size=256,
+                                               intermediate_size=1376, num_attention_heads=16,
+                                               num_key_value_heads=2)}
+NAMES = (*TINY_NAMES, SMOLLM2_NAME, *RANDOM_NAMES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -132,6 +138,18 @@ def load_random(config, dtype="bfloat16", device="cpu", seed=0):
             buffer.copy_(fresh.get_buffer(name))
     random_model.generation_config.eos_token_id = config.eos_token_id
     return random_model.eval()
+
+
+def load_random_named(name: str, dtype="bfloat16", device="cpu"):
+    """(model, tokenizer) of a RANDOM_NAMES name: the character tokenizer of the tiny models gives
+    the pad and EOS ids and tokenizes prompts; token ids beyond it decode to nothing. A random
+    model samples its EOS about once in 150,000 tokens: rows run to the length limit."""
+    tokenizer = build_char_tokenizer()
+    config = qwen25_3b_config(eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id, **RANDOM_NAMES[name])
+    random_model = load_random(config, dtype=dtype, device=device)
+    random_model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return random_model, tokenizer
 
 
 # --------------------------------------------------------------------------------------------------

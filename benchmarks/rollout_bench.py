@@ -1,5 +1,7 @@
 """Useful generated tokens per second: transformers' model.generate, the fast engine
-(engine.generate) and the teaching core (rollout.generate), side by side.
+(engine.generate) and the teaching core (rollout.generate), side by side; the engine with its
+default decode (static shapes replayed as CUDA graphs on a GPU, dynamic on the CPU) and the other
+one, and on a GPU transformers' own fast path too (a static cache, compiled by generate).
 
 All three sample with the same settings (do_sample, temperature 1, top-p 1, no top-k) from the same
 prompts with the same max_new_tokens and the same stopping rule. "Useful" tokens are those up to
@@ -17,6 +19,10 @@ Workloads (pick with --workloads):
   random-b32               a random Qwen2 (hidden 256, 4 layers) with the ~100-token character
                            vocabulary of model_zoo.py, EOS in it, temperature 1: rows end at very
                            different lengths.
+  smollm2-b64              as smollm2-b8, 64 questions (the GPU decode target's batch).
+  paper3b-b64, -b256       Qwen2.5-3B's shape with random weights (model_zoo.RANDOM_NAMES), bf16 on
+                           a GPU, random prompts of 200-400 tokens; rows run to the length limit.
+  paper3b-mini-b8          the same, scaled down to 2 layers (bench.py --quick).
 
 Run from the repository root:
   python -m benchmarks.rollout_bench                          # smollm2-b8, smollm2-b32, random-b32
@@ -48,15 +54,12 @@ WORKLOADS = {  # name -> (model, batch)
     "smollm2-b128": ("smollm2-135m", 128),  # a GPU-sized rollout batch
     "random-b32": ("random", 32),
     "smollm2-b64": ("smollm2-135m", 64),
-    # the paper's model size with random weights (model_zoo.qwen25_3b_config): no EOS, no stop
-    # string, every row runs max_new_tokens; prompts of random tokens, MedQA's lengths
+    # the paper's model size with random weights (model_zoo.RANDOM_NAMES): no stop string, rows
+    # run to max_new_tokens; prompts of random tokens, MedQA's lengths
     "paper3b-b64": ("random-qwen2.5-3b", 64),
     "paper3b-b256": ("random-qwen2.5-3b", 256),
     "paper3b-mini-b8": ("random-qwen2.5-3b-mini", 8),  # its shape scaled down: bench.py --quick
 }
-# the scaled-down paper shape of --quick: 2 layers, hidden 256, the real vocabulary
-PAPER_MINI = dict(num_hidden_layers=2, hidden_size=256, intermediate_size=1376,
-                  num_attention_heads=16, num_key_value_heads=2)
 STOP = ["</answer>"]
 
 
@@ -96,7 +99,7 @@ def load(model_name: str, batch: int, device="cpu", dtype="float32"):
         enc = tok(prompts, return_tensors="pt", padding=True)
         return model, tok, enc["input_ids"].to(device), enc["attention_mask"].to(device), None
     if model_name.startswith("random-qwen2.5-3b"):
-        return paper_shaped(model_name.endswith("mini"), batch, device, dtype)
+        return paper_shaped(model_name, batch, device, dtype)
     from data import build_prompt, load_dataset, tokenize_prompts
     model, tok = load_policy(model_name, dtype=dtype, device=device)
     # ../shared/data beside the repository, unless MEDRLVR_DATA says otherwise
@@ -108,27 +111,23 @@ def load(model_name: str, batch: int, device="cpu", dtype="float32"):
     return model, tok, ids.to(device), mask.to(device), STOP
 
 
-def paper_shaped(mini: bool, batch: int, device, dtype):
-    """The paper-size workload: Qwen2.5-3B's shape with random weights, and left-padded prompts of
-    random tokens whose lengths spread as MedQA's r1_chat prompts do under Qwen's tokenizer (about
-    200 to 400 tokens). EOS is disabled (eos_ids gives []): rows run to the length limit."""
-    from model_zoo import build_char_tokenizer, load_random, qwen25_3b_config
-    tok = build_char_tokenizer()  # its pad id only: the random model writes no text
-    shape = PAPER_MINI if mini else {}
-    config = qwen25_3b_config(eos_token_id=None, pad_token_id=tok.pad_token_id, **shape)
-    model = load_random(config, dtype=dtype, device=device)
+def paper_shaped(name: str, batch: int, device, dtype):
+    """The paper-size workload: model_zoo's random model of Qwen2.5-3B's shape, and left-padded
+    prompts of random tokens whose lengths spread as MedQA's r1_chat prompts do under Qwen's
+    tokenizer (about 200 to 400 tokens). Rows run to the length limit (a random model almost never
+    samples its EOS)."""
+    from model_zoo import load_random_named
+    model, tok = load_random_named(name, dtype=dtype, device=device)
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(200, 401, (batch,), generator=g)  # [B]
     P = int(lengths.max())
-    ids = torch.randint(len(tok), config.vocab_size, (batch, P), generator=g)  # [B, P]
+    ids = torch.randint(len(tok), model.config.vocab_size, (batch, P), generator=g)  # [B, P]
     mask = (torch.arange(P)[None, :] >= P - lengths[:, None]).long()  # [B, P] left padded
     ids = ids.masked_fill(mask == 0, tok.pad_token_id)
     return model, tok, ids.to(device), mask.to(device), None
 
 
 def eos_ids(model, tok) -> list[int]:
-    if model.config.eos_token_id is None and model.generation_config.eos_token_id is None:
-        return []  # the paper-shaped random model: no EOS
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     return eos or [tok.eos_token_id]
@@ -219,8 +218,7 @@ def run_transformers(model, tok, ids, mask, max_new, stops, seed, profiler=None,
     sync(ids.device)
     start = time.perf_counter()
     seqs = model.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0,
-                          top_k=0, max_new_tokens=max_new,
-                          eos_token_id=eos_ids(model, tok) or None,
+                          top_k=0, max_new_tokens=max_new, eos_token_id=eos_ids(model, tok),
                           pad_token_id=tok.pad_token_id, stop_strings=stops,
                           tokenizer=tok if stops else None,
                           logits_processor=LogitsProcessorList([clock]), **options)

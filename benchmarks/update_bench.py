@@ -139,3 +139,55 @@ def autocast_on(device):
     """bf16 autocast on a GPU, as train_ppo does there; nothing on the CPU."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
+
+
+def paper_update(args, limits) -> list[str]:
+    """bench.py's paper rows of the update: the packed PPO update of args.model (the paper-sized
+    random model), the actor alone (--advantage grpo: no critic) and then actor + critic (GAE).
+    MFU counts the tokens the packed forwards compute (padding of the packed rows included)
+    against the measured peak. A configuration that does not fit in memory gets a row that says
+    so."""
+    from model import response_batch
+    device = torch.device(args.device)
+    B, mb, group = args.update_batch, args.micro_batch, args.update_group
+    synthetic = update_batch(2 ** 10, B, args.prompt_len, args.response_len,
+                             samples_per_prompt=group)
+    rows = {k: v.to(device) for k, v in synthetic.items()}
+    computed = sum(response_batch(rows["seq"][s:s + mb], rows["attn"][s:s + mb],
+                                  rows["mask"][s:s + mb], True).input_ids.numel()
+                   for s in range(0, B, mb))
+    what = (f"{B // group} prompts x {group} samples x {args.prompt_len} + up to "
+            f"{args.response_len} tokens, packed, micro-batch {mb}")
+    out = []
+    for with_critic in (False, True):
+        label = "actor + critic" if with_critic else "actor alone"
+        try:
+            seconds, n_params = timed_update(args, device, rows, with_critic)
+            mfu = 6 * n_params * computed / seconds / limits["peak_flops"]
+            out.append(f"| update | {label}: {what}: {seconds:.2f} s | {computed} tokens "
+                       f"computed, MFU {mfu:.0%} | target >= 35% |")
+        except torch.OutOfMemoryError:
+            out.append(f"| update | {label}: {what} | does not fit in memory | |")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the models of this run are gone: give their memory back
+    return out
+
+
+def timed_update(args, device, rows, with_critic) -> tuple[float, int]:
+    """(best seconds of args.repeats timed updates after a warm-up, trained parameters)."""
+    import dataclasses
+    from pathlib import Path
+
+    from model import count_parameters, load_critic, load_policy
+    policy, tok = load_policy(args.model, device=device)  # fp32 master weights
+    critic = load_critic(policy).to(device) if with_critic else None
+    models = train_ppo.Models(policy, None, critic, tok, device)
+    for m in models.trained().values():
+        m.train()
+    cfg = dataclasses.replace(update_config(args, device, args.update_group, True),
+                              advantage="gae" if with_critic else "grpo",
+                              gradient_checkpointing=True)
+    train_ppo.add_optimizers(cfg, models, total_steps=1000)
+    run = common.Run(cfg, rank=0, world=1, device=device, out=Path.cwd(), resume_from=None)
+    seconds = [ours_update(cfg, run, models, rows) for _ in range(1 + args.repeats)]
+    return min(seconds[1:]), sum(count_parameters(m) for m in models.trained().values())
