@@ -124,6 +124,8 @@ class StaticStep:
         return x + engine.linear(mlp.down_proj, gate_times_up)  # SwiGLU
 
 
+@engine.without_cudnn_attention
+@torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_token_id=None,
              stop_strings: list[str] | str | None = None, tokenizer=None,
