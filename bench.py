@@ -4,6 +4,7 @@ limits. Run from the repository root:
     python bench.py                          # every section, writes BENCHMARKS.md
     python bench.py --quick                  # small sizes and a tiny model: checks the script runs
     python bench.py --only machine,update    # sections: machine generation update step fsdp grpo
+                                             # paper
     python bench.py --trl_python /work/trl-venv/bin/python   # adds TRL's GRPOTrainer (own venv)
 
 Sections, each a row group of the table, every ratio measured in this one run (alternating where it
@@ -28,6 +29,10 @@ matters):
   grpo        a GRPO-mode step on TRL's settings (1 prompt x 8 completions of <= 128 tokens) vs
               TRL's GRPOTrainer (benchmarks/trl_grpo.py, only with --trl_python: TRL is never a
               project dependency)
+  paper       the paper's model size (model_zoo's random-qwen2.5-3b): decode at batch 64 and 256
+              vs the HBM bound, the update's MFU (actor alone, actor + critic), one paper-preset
+              step by phase and its peak memory; on a GPU only ("not measured: no GPU" elsewhere;
+              --quick runs it scaled down)
 On a machine with CUDA (--device auto takes it) every section runs there in bf16 (autocast over fp32
 master weights in the update and the steps, as train_ppo.py on one GPU), with GPU-sized defaults,
 and the table goes to a block of its own in BENCHMARKS.md. --cudnn_attention true lets every
@@ -484,7 +489,7 @@ def parse_args(argv):
     # None: the device's default (CPU / GPU), set in main
     p.add_argument("--workloads", nargs="+", default=None,
                    help="benchmarks/rollout_bench.py workloads (smollm2-b8 random-b32 / GPU: "
-                        "smollm2-b8 smollm2-b32 smollm2-b128 random-b32)")
+                        "smollm2-b8 smollm2-b64 smollm2-b128 random-b32)")
     p.add_argument("--max_new_tokens", type=int, default=128, help="generation section")
     p.add_argument("--gen_repeats", type=int, default=None,
                    help="runs of each generator (seeds 0, 1, ...), summed (1 / 3)")
@@ -516,7 +521,7 @@ def parse_args(argv):
         args.train_device = ["--device", "cuda", "--dtype", "bfloat16", "--cudnn_attention",
                              args.cudnn_attention]
     defaults = dict(
-        workloads=(["smollm2-b8", "smollm2-b32", "smollm2-b128", "random-b32"] if gpu
+        workloads=(["smollm2-b8", "smollm2-b64", "smollm2-b128", "random-b32"] if gpu
                    else ["smollm2-b8", "random-b32"]),
         gen_repeats=3 if gpu else 1, update_batch=64 if gpu else 8, micro_batch=16 if gpu else 4,
         prompt_len=256 if gpu else 128, response_len=256 if gpu else 128,

@@ -24,6 +24,8 @@ measures whether it pays.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 import engine
@@ -70,7 +72,14 @@ class StaticStep:
         if self.graphs is None:
             return self.forward(bucket, span)
         if (bucket, span) not in self.graphs:
-            self.graphs[(bucket, span)] = self.capture(bucket, span)
+            try:
+                self.graphs[(bucket, span)] = self.capture(bucket, span)
+            except RuntimeError as error:
+                # the same step runs eagerly: the samples stay the same, only the speed is lost
+                warnings.warn(f"static_decode: CUDA graph capture failed ({error}); the decode "
+                              f"step runs eagerly for the rest of this call", stacklevel=2)
+                self.graphs = None
+                return self.forward(bucket, span)
         graph, logits = self.graphs[(bucket, span)]
         graph.replay()
         return logits

@@ -65,8 +65,8 @@ class Config(common.RunFlags):
     top_k: int = arg(0, "top-k sampling, 0 = off (OpenRLHF off)")
     generate_batch_size: int = arg(64, "rows per generate call on each rank (KV cache memory)")
     engine: str = arg("fast", "fast: engine.generate | plain: rollout.generate (same samples)")
-    attention: str = arg("auto", "packed training forwards: flex (FlexAttention block masks; "
-                         "backward on CUDA only) | sdpa (the dense tree mask) | auto: flex on CUDA")
+    attention: str = arg("sdpa", "packed training forwards: sdpa (the dense tree mask) | flex "
+                         "(FlexAttention block masks; backward on CUDA only) | auto: flex on CUDA")
     compile: bool = arg(False, "torch.compile each decoder layer for the training forwards")
     stop_at_answer: bool = arg(False, "end responses at </answer>; false: EOS or length (OpenRLHF)")
     filter_groups: bool = arg(False, "drop groups that all scored alike, sample others (DAPO)")
