@@ -1,7 +1,7 @@
 """The training-dynamics report: which of the study's six stages each sampled response is in,
 step by step.
 
-    python dynamics.py RUN_DIR          # reads RUN_DIR/rollouts.jsonl (written by train_ppo.py)
+    python dynamics.py RUN_DIR    # reads RUN_DIR/rollouts.jsonl and metrics.jsonl (train_ppo.py's)
 
 Med-RLVR (Section 4.2.1, Figure 2, Table 3) describes six stages that PPO moves through on MedQA.
 This file turns each into a rule on one response, so a run's rollouts can be read as the study
@@ -9,7 +9,9 @@ reads its own: per step, the share of responses in each stage, the mean reward, 
 rate and length. It writes RUN_DIR/dynamics.md (the table, then the latest example of each stage,
 like the study's Table 3), RUN_DIR/dynamics.json and, when matplotlib is installed,
 RUN_DIR/dynamics.png: a figure like the study's Figure 2 (accuracy and length over steps, with a
-coloured band behind each step in the colour of its most common stage).
+coloured band behind each step in the colour of its most common stage), and RUN_DIR/curves.png: the
+training curves of RUN_DIR/metrics.jsonl (CURVES: reward, format rate, accuracy, response length,
+KL, entropy, a panel each) and, when the run has an eval.jsonl, the held-out accuracy of each set.
 
 The rules. Every response is scored again with verifier.verify(PROMPT_PREFILL[style] + response,
 gold, options) with the run's own strict_format and reward values from RUN_DIR/config.json (the
@@ -52,6 +54,7 @@ stage.
 """
 import argparse
 import json
+import math
 import re
 import sys
 from collections import Counter
@@ -83,6 +86,12 @@ PREFIX_REASONING_WORDS = 25
 VERBOSE_CHARS = 1500
 # Option texts shorter than this ("No", "5") are too ambiguous to look for.
 MIN_OPTION_CHARS = 3
+# The panels of curves.png: (metrics.jsonl key, as train_ppo.py step_metrics writes it; title).
+# Each is a mean over the step's samples, except entropy: the mean over the update's tokens.
+CURVES = [("reward", "reward"), ("format_rate", "format rate"),
+          ("accuracy", "accuracy (sampled)"), ("response_tokens", "response length (tokens)"),
+          ("kl", "KL to the reference (a response's sum)"), ("entropy", "entropy (per token)")]
+HELD_OUT_PANEL = "held-out accuracy (greedy)"
 # Words that make a sentence naming an option a conclusion rather than a step of a walk through
 # the options.
 CONCLUSION_CUES = re.compile(r"\b(?:answer|correct|therefore|thus|hence|so|"
@@ -150,7 +159,8 @@ def classify(verify_result: dict, response: str, options: dict | None = None) ->
     return CONCISE_STRUCTURER
 
 
-def read_rollouts(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines log (rollouts.jsonl, metrics.jsonl), blank lines skipped."""
     rows = []
     with open(path) as f:
         for line_number, line in enumerate(f, 1):
@@ -310,6 +320,50 @@ def plot(report: list[dict], path: Path, held_out: dict | None = None) -> bool:
     return True
 
 
+def plot_curves(metrics_rows: list[dict], path: Path, held_out: dict | None = None) -> dict | None:
+    """The training curves: one panel per CURVES metric against the step (the steps of
+    metrics.jsonl that log it), and with `held_out` (read_held_out) a panel of each set's held-out
+    accuracy. Returns the series drawn, read back from the figure's lines ({metrics key, or
+    "held_out/SET": (steps, values)}), or None (and draws nothing) when matplotlib is not
+    installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    panels = [*CURVES, *([("held_out", HELD_OUT_PANEL)] if held_out else [])]
+    columns = 4
+    panel_rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(panel_rows, columns, figsize=(4 * columns, 3 * panel_rows),
+                             sharex=True, squeeze=False)
+    drawn = {}
+    for ax, (key, title) in zip(axes.flat, panels):
+        if key == "held_out":
+            lines = [(f"held_out/{name}", name, [step for step, _ in curve],
+                      [accuracy for _, accuracy in curve]) for name, curve in held_out.items()]
+        else:
+            logged = [row for row in metrics_rows if key in row]
+            lines = [(key, None, [row["step"] for row in logged], [row[key] for row in logged])]
+        for series, label, steps, values in lines:
+            (line,) = ax.plot(steps, values, "o-", ms=3, label=label)
+            drawn[series] = (line.get_xdata().tolist(), line.get_ydata().tolist())
+        if key == "held_out":
+            ax.legend(fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    for index, ax in enumerate(axes.flat):
+        if index >= len(panels):
+            ax.set_visible(False)
+        elif index + columns >= len(panels):  # the lowest panel of its column: the step axis
+            ax.tick_params(labelbottom=True)
+            ax.set_xlabel("training step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return drawn
+
+
 def main(argv: list[str] | None = None) -> None:
     # The docstring's first paragraph, as one line.
     description = " ".join(__doc__.split("\n\n")[0].split())
@@ -317,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", type=Path,
                         help="a train_ppo.py output folder holding rollouts.jsonl")
     args = parser.parse_args(argv)
-    rows = read_rollouts(args.run_dir / "rollouts.jsonl")
+    rows = read_jsonl(args.run_dir / "rollouts.jsonl")
     if not rows:
         sys.exit(f"{args.run_dir / 'rollouts.jsonl'} holds no rollouts")
     classified = classify_rows(rows, verify_options(args.run_dir))
@@ -342,10 +396,17 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     print(f"wrote {args.run_dir / 'dynamics.md'} and dynamics.json "
           f"({len(rows)} responses, {len(report)} steps)")
-    if plot(report, args.run_dir / "dynamics.png", held_out):
-        print(f"wrote {args.run_dir / 'dynamics.png'}")
+    metrics_path = args.run_dir / "metrics.jsonl"
+    metrics_rows = read_jsonl(metrics_path) if metrics_path.is_file() else []
+    if not plot(report, args.run_dir / "dynamics.png", held_out):
+        print("matplotlib is not installed: no figures (pip install matplotlib)")
+        return
+    print(f"wrote {args.run_dir / 'dynamics.png'}")
+    if metrics_rows:
+        plot_curves(metrics_rows, args.run_dir / "curves.png", held_out)
+        print(f"wrote {args.run_dir / 'curves.png'}")
     else:
-        print("matplotlib is not installed: no figure (pip install matplotlib)")
+        print(f"{metrics_path} holds no metrics: no curves.png")
 
 
 if __name__ == "__main__":

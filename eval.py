@@ -4,10 +4,11 @@ Figure 3).
     python eval.py --model smollm2-135m --data medqa_test mmlu_pro_health --prompt r1_chat \
         --out runs/eval_base
     python eval.py --compare runs/eval_base runs/eval_ppo runs/eval_sft [--plot compare.png]
+    python eval.py --model runs/ppo --data medqa_test --num_samples 8 --temperature 1 --out OUT
 
-Decoding is greedy (temperature 0) through engine.generate (--engine plain: rollout.generate, the
-same tokens), batched, with prompts sorted by length so that a batch wastes little padding (the
-output keeps the data set's order). Scoring depends on the prompt style:
+Decoding is greedy (temperature 0) by default, through engine.generate (--engine plain:
+rollout.generate, the same tokens), batched, with prompts sorted by length so that a batch wastes
+little padding (the output keeps the data set's order). Scoring depends on the prompt style:
 
 - r1 styles (r1, r1_think, r1_chat, r1_chat_1shot): verifier.verify(PROMPT_PREFILL[style] +
   response, gold, options), the reward the policy was trained on; generation stops at "</answer>".
@@ -24,6 +25,20 @@ BOOTSTRAP_RESAMPLES seeded bootstrap resamples (the study's error bars), n; and 
 step and by MMLU-Pro source subject (any record meta key in BREAKDOWN_KEYS). Writes OUT/results.json
 (config, metrics, breakdowns) and OUT/predictions.jsonl (one line per question), and prints a
 markdown table.
+
+Sampled evaluation (--num_samples n > 1, --temperature t > 0): each question is answered n times.
+Sample j of question i (its position in the set) draws its noise from its own generator, seeded by
+(--seed, i, j), so what it samples does not depend on the batch it lands in (as the trainer's
+experience.row_uniforms). predictions.jsonl holds every sample (its "sample" field: j), and each set
+reports, besides the metrics above over every sample (with n = questions and "accuracy" = the mean
+accuracy over samples):
+- pass@k for k = 1, the powers of two up to n, and n: the chance that at least one of k samples
+  drawn from the n is correct, by the unbiased estimator of Chen et al. 2021 ("Evaluating Large
+  Language Models Trained on Code", eq. 1); pass@1 is the mean accuracy over samples.
+- maj@n: the majority vote over the n predicted letters is correct. Samples with no valid letter do
+  not vote, a question with no vote counts wrong, and a tie goes to the tied letter sampled first
+  (the lowest sample index): deterministic, and no option letter is favoured.
+Each with a bootstrap std over questions (resampling questions, the same BOOTSTRAP_RESAMPLES).
 """
 import argparse
 import json
@@ -121,9 +136,73 @@ def metrics(preds: list[dict], seed: int = 0) -> dict:
     }
 
 
-def breakdowns(preds: list[dict], seed: int = 0) -> dict:
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The chance that at least one of k samples drawn without replacement from n, c of them
+    correct, is correct: 1 - C(n-c, k) / C(n, k), the unbiased pass@k estimator of Chen et al. 2021
+    ("Evaluating Large Language Models Trained on Code", eq. 1). Computed as their numerically
+    stable product, 1 - prod_{i=n-c+1..n} (1 - k / i), which never forms the large binomials."""
+    if n - c < k:
+        return 1.0  # every k-subset holds a correct sample
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def pass_at_ks(n: int) -> list[int]:
+    """The k reported for n samples: 1, the powers of two up to n, and n."""
+    powers_of_two = {2 ** power for power in range(n.bit_length()) if 2 ** power <= n}
+    return sorted({1, n} | powers_of_two)
+
+
+def majority_vote(letters: list[str | None]) -> str | None:
+    """The letter most samples predicted; None (no vote) where none predicted a letter. A tie goes
+    to the tied letter that comes first in `letters` (sample order): deterministic, and it favours
+    no option letter."""
+    votes: dict[str, int] = {}  # insertion order = the order letters were first predicted
+    for letter in letters:
+        if letter is not None:
+            votes[letter] = votes.get(letter, 0) + 1
+    if not votes:
+        return None
+    return max(votes, key=votes.get)  # max keeps the first of equal counts
+
+
+def sampled_metrics(preds: list[dict], num_samples: int, seed: int = 0) -> dict:
+    """metrics() over every sample, with n = the number of questions, "accuracy" = the mean accuracy
+    over samples and its bootstrap std over questions; plus pass@k and maj@n (num_samples = n),
+    each with its bootstrap std over questions ("pass@k_std", "maj@n_std"). `preds`: predict()'s,
+    the num_samples samples of each question consecutive."""
+    if num_samples < 1 or len(preds) % num_samples:
+        raise ValueError(f"{len(preds)} predictions are not {num_samples} samples per question")
+    questions = [preds[start:start + num_samples] for start in range(0, len(preds), num_samples)]
+    for samples in questions:
+        if len({pred["id"] for pred in samples}) != 1:
+            raise ValueError(f"the samples of question {samples[0]['id']} are not consecutive")
+    n_correct = [sum(bool(pred["correct"]) for pred in samples) for samples in questions]
+    per_question_accuracy = [c / num_samples for c in n_correct]
+    out = {**metrics(preds, seed), "n": len(questions), "samples": len(preds),
+           "num_samples": num_samples,
+           "accuracy": float(np.mean(per_question_accuracy)) if questions else 0.0,
+           "accuracy_std": bootstrap_std(per_question_accuracy, seed=seed)}
+    # The same seed for every figure: each resample holds the same questions for all of them.
+    for k in pass_at_ks(num_samples):
+        estimates = [pass_at_k(num_samples, c, k) for c in n_correct]
+        out[f"pass@{k}"] = float(np.mean(estimates)) if questions else 0.0
+        out[f"pass@{k}_std"] = bootstrap_std(estimates, seed=seed)
+    majority_correct = [majority_vote([pred["pred"] for pred in samples]) == samples[0]["gold"]
+                        for samples in questions]
+    out[f"maj@{num_samples}"] = float(np.mean(majority_correct)) if questions else 0.0
+    out[f"maj@{num_samples}_std"] = bootstrap_std(majority_correct, seed=seed)
+    return out
+
+
+def summarize(preds: list[dict], seed: int = 0, num_samples: int = 1) -> dict:
+    """A set's (or group's) figures: metrics() for one answer a question, sampled_metrics() for
+    several."""
+    return metrics(preds, seed) if num_samples == 1 else sampled_metrics(preds, num_samples, seed)
+
+
+def breakdowns(preds: list[dict], seed: int = 0, num_samples: int = 1) -> dict:
     """{"by_step": {"step1": metrics, ...}, "by_subject": {...}} for each BREAKDOWN_KEYS key that
-    some record has."""
+    some record has (the samples of a question share its meta, so they stay together)."""
     out = {}
     for key in BREAKDOWN_KEYS:
         groups: dict[str, list[dict]] = {}
@@ -131,7 +210,8 @@ def breakdowns(preds: list[dict], seed: int = 0) -> dict:
             if pred["meta"].get(key) is not None:
                 groups.setdefault(str(pred["meta"][key]), []).append(pred)
         if groups:
-            out[f"by_{key}"] = {group: metrics(groups[group], seed) for group in sorted(groups)}
+            out[f"by_{key}"] = {group: summarize(groups[group], seed, num_samples)
+                                for group in sorted(groups)}
     return out
 
 
@@ -155,28 +235,51 @@ def resolve_model(name_or_path: str) -> str:
     return str(policy_dir) if policy_dir.is_dir() else name_or_path
 
 
+def sampling_noise(seed: int, rows: list[tuple[int, int]], max_new_tokens: int) -> torch.Tensor:
+    """The uniforms [len(rows), max_new_tokens] of generate's `uniforms` argument: row (question i,
+    sample j) draws from its own generator seeded by (seed, i, j), so what it samples does not
+    depend on the batch it lands in (experience.row_uniforms does the same for training)."""
+    noise = torch.empty(len(rows), max_new_tokens)
+    for row, (question, sample) in enumerate(rows):
+        # A tuple of ints hashes the same in every process (only str hashing is randomised).
+        generator = torch.Generator().manual_seed(hash((seed, question, sample)) % (2 ** 63))
+        noise[row] = torch.rand(max_new_tokens, generator=generator)
+    return noise
+
+
 @torch.no_grad()
 def predict(policy, tokenizer, records: list[dict], style: str, batch_size: int,
             max_new_tokens: int, device: str, desc: str = "",
-            generate=engine.generate) -> list[dict]:
-    """Greedy responses to every record, scored; returned in the records' order. `generate`:
-    engine.generate or rollout.generate (the same tokens)."""
+            generate=engine.generate, num_samples: int = 1, temperature: float = 0.0,
+            seed: int = 0) -> list[dict]:
+    """Responses to every record, scored; returned in the records' order. `generate`:
+    engine.generate or rollout.generate (the same tokens). Greedy by default; with temperature > 0
+    each record is answered num_samples times, from sampling_noise(seed, ...), its samples
+    consecutive and numbered by a "sample" field when there are several."""
     prompts = [data.build_prompt(record, style, tokenizer) for record in records]
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])  # similar lengths share a batch
+    # One row a response, (question index, sample index), question by question.
+    rows = [(question, sample) for question in range(len(prompts)) for sample in range(num_samples)]
+    # Similar lengths share a batch (the sort is stable: a question's samples stay together).
+    order = sorted(range(len(rows)), key=lambda row: lengths[rows[row][0]])
     stop = [STOP_STRING] if style in R1_STYLES else None
-    responses: list[str | None] = [None] * len(prompts)
-    finish_reasons: list[str | None] = [None] * len(prompts)
-    n_generated = [0] * len(prompts)
-    bar = tqdm(total=len(prompts), desc=desc, unit="q", file=sys.stderr)
+    responses: list[str | None] = [None] * len(rows)
+    finish_reasons: list[str | None] = [None] * len(rows)
+    n_generated = [0] * len(rows)
+    bar = tqdm(total=len(rows), desc=desc, unit="q" if num_samples == 1 else "sample",
+               file=sys.stderr)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        batch_prompts = [prompts[i] for i in batch]
+        batch_prompts = [prompts[rows[i][0]] for i in batch]
         # [B, P], left padded
         input_ids, attention_mask, _, _ = data.tokenize_prompts(tokenizer, batch_prompts, None)
+        uniforms = None  # greedy
+        if temperature > 0:
+            uniforms = sampling_noise(seed, [rows[i] for i in batch], max_new_tokens).to(device)
         out = generate(policy, input_ids.to(device), attention_mask.to(device), max_new_tokens,
-                       temperature=0.0, eos_token_id=tokenizer.eos_token_id, stop_strings=stop,
-                       tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id)
+                       temperature=temperature, eos_token_id=tokenizer.eos_token_id,
+                       stop_strings=stop, tokenizer=tokenizer,
+                       pad_token_id=tokenizer.pad_token_id, uniforms=uniforms)
         response_ids = out.sequences[:, input_ids.shape[1]:]  # [B, T]
         for row, i in enumerate(batch):
             n_generated[i] = int(out.response_mask[row].sum())
@@ -191,14 +294,17 @@ def predict(policy, tokenizer, records: list[dict], style: str, batch_size: int,
         bar.update(len(batch))
     bar.close()
     preds = []
-    rows = zip(records, prompts, responses, finish_reasons, n_generated)
-    for record, prompt, response, finish_reason, n_tokens in rows:
-        scored = score(response, record, style)
-        preds.append({"id": record["id"], "prompt": prompt, "response": response,
-                      "pred": scored["pred"], "gold": record["answer"], **scored,
-                      "correct": bool(scored["correct"]), "format_ok": bool(scored["format_ok"]),
-                      "finish_reason": finish_reason, "response_tokens": n_tokens,
-                      "n_options": len(record["options"]), "meta": record.get("meta", {})})
+    for i, (question, sample) in enumerate(rows):
+        record = records[question]
+        scored = score(responses[i], record, style)
+        pred = {"id": record["id"], "prompt": prompts[question], "response": responses[i],
+                "pred": scored["pred"], "gold": record["answer"], **scored,
+                "correct": bool(scored["correct"]), "format_ok": bool(scored["format_ok"]),
+                "finish_reason": finish_reasons[i], "response_tokens": n_generated[i],
+                "n_options": len(record["options"]), "meta": record.get("meta", {})}
+        if num_samples > 1:
+            pred["sample"] = sample
+        preds.append(pred)
     return preds
 
 
@@ -226,7 +332,27 @@ def results_table(results: dict) -> str:
         for key in BREAKDOWN_KEYS:
             for group, group_metrics in set_metrics.get(f"by_{key}", {}).items():
                 lines.append(metrics_row(f"&nbsp;&nbsp;{key} {group}", group_metrics))
+    sampled = {name: set_metrics for name, set_metrics in results["sets"].items()
+               if set_metrics.get("num_samples", 1) > 1}
+    if sampled:
+        lines.append("")
+        lines.append(sampled_table(sampled))
     return "\n".join(lines) + "\n"
+
+
+def sampled_table(sets: dict) -> str:
+    """The sampled figures of a --num_samples run: a row per data set, cells "% ± std"."""
+    num_samples = next(iter(sets.values()))["num_samples"]
+    figures = ["accuracy", *[f"pass@{k}" for k in pass_at_ks(num_samples)], f"maj@{num_samples}"]
+    head = ["data", "questions", "samples each", "mean accuracy %",
+            *[f"{figure} %" for figure in figures[1:]]]
+    lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
+    for name, set_metrics in sets.items():
+        cells = [name, str(set_metrics["n"]), str(set_metrics["num_samples"])]
+        cells += [f"{pct(set_metrics[figure])} ± {pct(set_metrics[figure + '_std'])}"
+                  for figure in figures]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def load_results(run_dir: str) -> dict:
@@ -237,8 +363,14 @@ def load_results(run_dir: str) -> dict:
 
 
 def run_label(run_dir: str, results: dict) -> str:
+    """"NAME (prompt)"; a sampled run's accuracy is its mean over samples, which the label says."""
     cfg = results.get("config", {})
-    return f"{Path(run_dir).name} ({cfg.get('prompt', '?')})"
+    sampling = ""
+    if cfg.get("num_samples", 1) > 1:
+        sampling = f", mean of {cfg['num_samples']} samples at T={cfg['temperature']:g}"
+    elif cfg.get("temperature", 0) > 0:
+        sampling = f", sampled at T={cfg['temperature']:g}"
+    return f"{Path(run_dir).name} ({cfg.get('prompt', '?')}{sampling})"
 
 
 def load_runs(run_dirs: list[str]) -> tuple[list, list[str], dict]:
@@ -330,7 +462,12 @@ def parse_args(argv=None):
                         help=f"default {MAX_NEW_TOKENS} ({DIRECT_MAX_NEW_TOKENS} for direct "
                              "styles: the answer is a letter)")
     parser.add_argument("--seed", type=int, default=0,
-                        help="seeds the bootstrap (decoding is greedy)")
+                        help="seeds the bootstrap and, with --temperature > 0, the sampling noise")
+    parser.add_argument("--num_samples", type=int, default=1,
+                        help="answers per question; above 1 (needs --temperature > 0) adds "
+                             "pass@k and maj@n")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0: greedy decoding (the default); > 0: sampling at this temperature")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     parser.add_argument("--engine", default="fast", choices=["fast", "plain"],
@@ -342,6 +479,13 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not args.compare and not args.out:
         parser.error("--out is required (or use --compare DIR ...)")
+    if args.num_samples < 1:
+        parser.error(f"--num_samples must be at least 1, got {args.num_samples}")
+    if not args.temperature >= 0:  # also NaN
+        parser.error(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
+    if args.num_samples > 1 and args.temperature == 0:
+        parser.error(f"--num_samples {args.num_samples} needs --temperature > 0: greedy decoding "
+                     "(--temperature 0, the default) gives the same answer every time")
     return args
 
 
@@ -373,12 +517,14 @@ def main(argv=None) -> None:
             set_start = time.time()
             preds = predict(policy, tokenizer, records, args.prompt, args.batch_size,
                             args.max_new_tokens, args.device, desc=name,
-                            generate=engine.generate if args.engine == "fast" else rollout.generate)
+                            generate=engine.generate if args.engine == "fast" else rollout.generate,
+                            num_samples=args.num_samples, temperature=args.temperature,
+                            seed=args.seed)
             for pred in preds:
                 predictions_file.write(json.dumps({"data": name, **pred}) + "\n")
-            results["sets"][name] = {**metrics(preds, args.seed),
+            results["sets"][name] = {**summarize(preds, args.seed, args.num_samples),
                                      "seconds": round(time.time() - set_start, 1),
-                                     **breakdowns(preds, args.seed)}
+                                     **breakdowns(preds, args.seed, args.num_samples)}
     results["config"]["seconds"] = round(time.time() - run_start, 1)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     print(results_table(results))

@@ -1,6 +1,7 @@
-"""dynamics.py: each stage rule on hand-written responses (the study's examples), and the
-per-step report."""
+"""dynamics.py: each stage rule on hand-written responses (the study's examples), the per-step
+report, and the training curves drawn from metrics.jsonl and eval.jsonl."""
 import json
+import sys
 
 import pytest
 
@@ -198,3 +199,63 @@ def test_held_out_accuracy_from_eval_jsonl_joins_the_report(tmp_path):
     assert saved == {"medqa_test": [[0, 0.25], [4, 0.5]], "mmlu_pro_health": [[0, 0.125]]}
     assert (tmp_path / "dynamics.png").exists() == has_matplotlib()
     assert dynamics.read_held_out(tmp_path / "no_such_file.jsonl") == {}
+
+
+def write_curve_run(folder):
+    """A run folder with rollouts.jsonl, metrics.jsonl (as train_ppo.py writes it: step 3 skipped
+    its update, so it logs no entropy) and eval.jsonl; returns the metrics rows written."""
+    response = "<think>Itching means allergy.</think><answer>B</answer>"
+    rollout_row = {"id": "q0", "prompt": "...", "response": response, "gold": "B", "options": EYE,
+                   "reward": 1.0, "response_tokens": 9, "prompt_style": "r1"}
+    (folder / "rollouts.jsonl").write_text(
+        "".join(json.dumps({**rollout_row, "step": step}) + "\n" for step in (1, 2, 3)))
+    metrics_rows = [
+        {"step": 1, "reward": -0.75, "format_rate": 0.25, "accuracy": 0.0, "response_tokens": 67.5,
+         "kl": 0.0004, "entropy": 3.7, "time_step": 42.0},
+        {"step": 2, "reward": -0.5625, "format_rate": 0.375, "accuracy": 0.0625,
+         "response_tokens": 89.75, "kl": 0.21, "entropy": 3.6, "time_step": 40.0},
+        {"step": 3, "reward": 0.125, "format_rate": 0.875, "accuracy": 0.5,
+         "response_tokens": 35.25, "kl": 0.7, "time_step": 39.0},
+    ]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in metrics_rows))
+    evaluated = [(0, "medqa_test", 0.0625), (2, "medqa_test", 0.25), (0, "mmlu_pro_health", 0.125)]
+    (folder / "eval.jsonl").write_text("".join(
+        json.dumps({"step": step, "data": name, "accuracy": acc, "n": 16}) + "\n"
+        for step, name, acc in evaluated))
+    return metrics_rows
+
+
+@pytest.mark.skipif(not has_matplotlib(), reason="matplotlib is optional")
+def test_training_curves_draw_the_logged_metrics(tmp_path, capsys):
+    metrics_rows = write_curve_run(tmp_path)
+    dynamics.main([str(tmp_path)])
+    assert f"wrote {tmp_path / 'curves.png'}" in capsys.readouterr().out
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    held_out = dynamics.read_held_out(tmp_path / "eval.jsonl")
+    drawn = dynamics.plot_curves(metrics_rows, tmp_path / "again.png", held_out)
+    # What the figure's lines hold is exactly what metrics.jsonl and eval.jsonl hold.
+    assert drawn == {
+        "reward": ([1, 2, 3], [-0.75, -0.5625, 0.125]),
+        "format_rate": ([1, 2, 3], [0.25, 0.375, 0.875]),
+        "accuracy": ([1, 2, 3], [0.0, 0.0625, 0.5]),
+        "response_tokens": ([1, 2, 3], [67.5, 89.75, 35.25]),
+        "kl": ([1, 2, 3], [0.0004, 0.21, 0.7]),
+        "entropy": ([1, 2], [3.7, 3.6]),  # step 3 logged none
+        "held_out/medqa_test": ([0, 2], [0.0625, 0.25]),
+        "held_out/mmlu_pro_health": ([0], [0.125]),
+    }
+    # Without eval.jsonl: no held-out panel.
+    assert "held_out/medqa_test" not in dynamics.plot_curves(metrics_rows, tmp_path / "c.png")
+
+
+def test_training_curves_without_matplotlib(tmp_path, monkeypatch, capsys):
+    """matplotlib is optional: without it (simulated), one line says so, the report is still
+    written and no figure is."""
+    metrics_rows = write_curve_run(tmp_path)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import now raises ImportError
+    assert dynamics.plot_curves(metrics_rows, tmp_path / "curves.png") is None
+    dynamics.main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert out.count("matplotlib is not installed") == 1
+    assert (tmp_path / "dynamics.md").is_file()
+    assert not (tmp_path / "curves.png").exists() and not (tmp_path / "dynamics.png").exists()
