@@ -11,6 +11,8 @@ algorithm.
   - the housekeeping around each step (`StepLoop`): the progress bar, SIGTERM and Ctrl-C, steps
     skipped for non-finite values, metrics.jsonl, checkpoints;
   - held-out evaluation during training (`HeldOutEval`), eval.py's decoding and scoring;
+  - experiment tracking (--report_to, tracking.py): set up with the run's folder, fed each line
+    of metrics.jsonl and eval.jsonl as it is written, closed with the step loop;
   - the command line (`cli`): an error the user can fix ends with its message, not a traceback.
 """
 import argparse
@@ -34,6 +36,7 @@ import distributed
 import engine
 import eval as evaluation  # `eval` itself would hide the builtin
 import rollout
+import tracking
 from ppo import lr_schedule
 
 
@@ -61,6 +64,9 @@ class RunFlags:
     gradient_checkpointing: bool = arg(True, "recompute activations in backward: less memory")
     collective_timeout_s: float = arg(600.0, "a collective waiting longer fails the job")
     max_nonfinite_steps: int = arg(3, "stop after this many steps in a row skipped for NaN or inf")
+    report_to: str = arg("none", "also log metrics.jsonl and eval.jsonl to: none | tensorboard "
+                                 "(out_dir/tensorboard) | wandb (tracking.py)")
+    wandb_project: str = arg("medrlvr", "--report_to wandb: the W&B project")
 
 
 def parse_flags(config_class, presets: dict, check, argv=None, description=""):
@@ -83,7 +89,7 @@ def parse_flags(config_class, presets: dict, check, argv=None, description=""):
     if preset not in presets:
         parser.error(f"--preset {preset!r}: unknown; choose one of {sorted(presets)}")
     cfg = config_class(**{**presets[preset], **given})
-    if problems := check(cfg):
+    if problems := tracking.flag_problems(cfg.report_to) + check(cfg):
         parser.error("\n  ".join(["bad settings:"] + problems))
     return cfg
 
@@ -104,6 +110,7 @@ class Run:
     device: torch.device
     out: Path  # the run's folder (--out_dir)
     resume_from: Path | None  # the checkpoint folder to resume from, if any
+    tracker: tracking.Tracker = field(default_factory=tracking.Tracker)  # rank 0's: prepare_out_dir
 
     def log(self, message: str) -> None:
         """A line on stderr, from rank 0 only (tqdm.write keeps the progress bar intact)."""
@@ -138,7 +145,7 @@ def start_run(cfg, check_config) -> Run:
 
 def prepare_out_dir(run: Run, start: int, logs: list[str]) -> None:
     """config.json, and the logs: on resume, cut back to the checkpoint's step; else started
-    anew."""
+    anew. Then the tracker (--report_to), which continues or starts anew likewise."""
     if run.rank != 0:
         return
     run.out.mkdir(parents=True, exist_ok=True)
@@ -148,6 +155,8 @@ def prepare_out_dir(run: Run, start: int, logs: list[str]) -> None:
             checkpoint.keep_steps_upto(run.out / name, start - 1)
         else:
             (run.out / name).unlink(missing_ok=True)
+    run.tracker = tracking.start(run.cfg.report_to, run.out, asdict(run.cfg), start,
+                                 bool(run.resume_from), run.cfg.wandb_project, run.log)
 
 
 def training_prompts(cfg, tokenizer, log, suffix: str = ""):
@@ -261,6 +270,7 @@ class StepLoop:
             for name, lines in {"metrics.jsonl": [metrics], **(logs or {})}.items():
                 with open(run.out / name, "a") as f:
                     f.writelines(json.dumps(line) + "\n" for line in lines)
+            run.tracker.log(metrics, step)
             self.bar.set_postfix(postfix)
         if self.nonfinite_in_a_row >= cfg.max_nonfinite_steps:  # after the logs: this step logged
             raise SystemExit(f"step {step}: {self.nonfinite_in_a_row} steps in a row skipped for "
@@ -280,6 +290,7 @@ class StepLoop:
         return stopping
 
     def close(self):
+        self.run.tracker.close()
         self.bar.close()
         distributed.cleanup()
 
@@ -326,6 +337,7 @@ class HeldOutEval:
                             "seconds": round(time.time() - started, 1)}
                     with open(run.out / "eval.jsonl", "a") as f:
                         f.write(json.dumps(line) + "\n")
+                    run.tracker.log(line, step, prefix=f"eval/{name}/")
         return accuracy
 
 
