@@ -15,7 +15,8 @@ Every dataset becomes a list of the same record:
     labels may instead come from test_ground_truth.json next to it) as a 3-option question:
     A. yes, B. no, C. maybe,
   - generic jsonl: one record as above a line (`id`, `source`, `meta` optional).
-`load_dataset(name)` finds a named benchmark under the data folder (or downloads it from the Hub).
+`load_dataset(name)` finds a named benchmark under the data folder, else on the Hugging Face Hub
+(hub.py), else, with no data folder set, in the embedded demo subset (demo_data/).
 
 Bad input is never dropped or guessed around: it raises `DataError` with "file:line: problem".
 Blank lines are skipped (they hold no record); every other line must be a valid record.
@@ -27,7 +28,7 @@ import logging
 import os
 import random
 import re
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -263,7 +264,6 @@ def _pubmedqa_records(text: str, path: Path):
     if truth_path.exists() and truth_path.resolve() != path.resolve():
         truth_members = _json_members(_read_text(truth_path), truth_path)
         truth = {pmid: label for _, pmid, label in truth_members}
-    letter_of = {option: letter for letter, option in PUBMEDQA_OPTIONS.items()}
     for line, pmid, item in _json_members(text, path):
         where = (path, line)
         if not isinstance(item, dict):
@@ -281,14 +281,20 @@ def _pubmedqa_records(text: str, path: Path):
         if pmid in truth and truth[pmid] != decision:
             raise _error(path, line, f"final_decision {decision!r} disagrees with "
                                      f"{truth_path.name} ({truth[pmid]!r})")
-        if decision not in letter_of:
-            raise _error(path, line,
-                         f"final_decision should be yes, no or maybe, got {decision!r}")
-        abstract = " ".join(c.strip() for c in contexts)
-        question = f"Context: {abstract}\nQuestion: {_get(item, 'QUESTION', str, where)}"
-        yield line, {"id": f"pubmedqa-{pmid}", "source": "pubmedqa", "question": question,
-                     "options": dict(PUBMEDQA_OPTIONS), "answer": letter_of[decision],
-                     "meta": {"pmid": pmid, "year": item.get("YEAR")}}
+        yield line, pubmedqa_fields(pmid, _get(item, "QUESTION", str, where), contexts, decision,
+                                    item.get("YEAR"), where)
+
+
+def pubmedqa_fields(pmid: str, question: str, contexts: list, decision: str, year, where) -> dict:
+    """One PubMedQA item as record fields (hub.py builds the Hub's copy with it too)."""
+    letter_of = {option: letter for letter, option in PUBMEDQA_OPTIONS.items()}
+    if decision not in letter_of:
+        raise _error(*where, f"final_decision should be yes, no or maybe, got {decision!r}")
+    abstract = " ".join(c.strip() for c in contexts)
+    return {"id": f"pubmedqa-{pmid}", "source": "pubmedqa",
+            "question": f"Context: {abstract}\nQuestion: {question}",
+            "options": dict(PUBMEDQA_OPTIONS), "answer": letter_of[decision],
+            "meta": {"pmid": pmid, "year": year}}
 
 
 # ---- load_mcqa: format detection, the checks every record must pass, ids ---------------------
@@ -330,8 +336,9 @@ def _is_json_document(text: str) -> bool:
     return isinstance(whole, dict) and not {"question", "options"} & set(whole)
 
 
-def load_mcqa(path) -> list[dict]:
-    """All records of one file, in file order.
+def load_mcqa(path, stem: str | None = None) -> list[dict]:
+    """All records of one file, in file order. `stem` stands in for the file's own name in the
+    default ids and sources (a Hub copy of a file under another name keeps the local ids).
 
     Raises DataError("file:line: problem") on any bad input."""
     path = Path(path)
@@ -342,11 +349,17 @@ def load_mcqa(path) -> list[dict]:
         numbered_records = _pubmedqa_records(text, path)
     else:
         numbered_records = _jsonl_records(text, path)
+    return check_records(numbered_records, path, stem or path.stem)
+
+
+def check_records(numbered_records, path, stem: str) -> list[dict]:
+    """(line, fields) pairs -> checked records with unique ids; `path` and the line (a parquet
+    file's row) name the place of any problem."""
     records, line_of_id = [], {}
     for line, fields in numbered_records:
-        fields.setdefault("source", path.stem)
+        fields.setdefault("source", stem)
         # "medqa_test-17": line 17 of medqa's test file.
-        fields.setdefault("id", f"{fields['source']}_{path.stem}-{line}")
+        fields.setdefault("id", f"{fields['source']}_{stem}-{line}")
         record = _check(fields, path, line)
         if record["id"] in line_of_id:
             raise _error(path, line, f"duplicate id {record['id']!r} "
@@ -358,88 +371,106 @@ def load_mcqa(path) -> list[dict]:
     return records
 
 
-# ---- load_dataset: names -> files under the data folder, from the Hub where possible --------
+# ---- load_dataset: a name -> the data folder, else the Hub (hub.py), else the embedded subset ---
 
 DEFAULT_DATA_DIR = "~/.cache/medrlvr/data"  # used when neither data_dir nor MEDRLVR_DATA is given
-MEDQA_HUB = "GBaker/MedQA-USMLE-4-options"  # the 4-option MedQA in this very jsonl schema
 MEDQA_ORIGIN = "github.com/jind11/MedQA, data_clean/questions/US/"
+MEDQA4_ORIGIN = MEDQA_ORIGIN + "4_options/phrases_no_exclude_"
 MMLU_MEDICAL_SUBJECTS = ("anatomy", "clinical_knowledge", "college_biology", "college_medicine",
                          "medical_genetics", "professional_medicine")
-# name -> (path under the data folder, (Hub dataset repo, file) or None,
-#          where else the file comes from)
+PUBMEDQA_ORIGIN = "github.com/pubmedqa/pubmedqa, data/"
+# name -> (path under the data folder, where the file comes from besides the Hub)
 DATASETS = {
-    "medqa_train": ("medqa/4_options/train.jsonl", (MEDQA_HUB, "phrases_no_exclude_train.jsonl"),
-                    MEDQA_ORIGIN + "4_options/phrases_no_exclude_train.jsonl"),
-    "medqa_dev": ("medqa/4_options/dev.jsonl", None,
-                  MEDQA_ORIGIN + "4_options/phrases_no_exclude_dev.jsonl"),
-    "medqa_test": ("medqa/4_options/test.jsonl", (MEDQA_HUB, "phrases_no_exclude_test.jsonl"),
-                   MEDQA_ORIGIN + "4_options/phrases_no_exclude_test.jsonl"),
-    "medqa5_dev": ("medqa/5_options/dev.jsonl", None, MEDQA_ORIGIN + "dev.jsonl"),
-    "medqa5_test": ("medqa/5_options/test.jsonl", None, MEDQA_ORIGIN + "test.jsonl"),
-    "mmlu_pro_health": ("mmlu_pro_health/test.jsonl", None,
+    "medqa_train": ("medqa/4_options/train.jsonl", MEDQA4_ORIGIN + "train.jsonl"),
+    "medqa_dev": ("medqa/4_options/dev.jsonl", MEDQA4_ORIGIN + "dev.jsonl"),
+    "medqa_test": ("medqa/4_options/test.jsonl", MEDQA4_ORIGIN + "test.jsonl"),
+    "medqa5_dev": ("medqa/5_options/dev.jsonl", MEDQA_ORIGIN + "dev.jsonl"),
+    "medqa5_test": ("medqa/5_options/test.jsonl", MEDQA_ORIGIN + "test.jsonl"),
+    "mmlu_pro_health": ("mmlu_pro_health/test.jsonl",
                         "github.com/xk-huang/medagents-benchmark, data/mmlu-pro/test.jsonl"),
-    "medmcqa_dev": ("medmcqa/dev.json", None, "github.com/medmcqa/medmcqa, the release's dev.json"),
-    "mmlu_medical": ("mmlu_medical/test", None,
+    "medmcqa_dev": ("medmcqa/dev.json", "github.com/medmcqa/medmcqa, the release's dev.json"),
+    "mmlu_medical": ("mmlu_medical/test",
                      "github.com/hendrycks/test, data.tar: data/test/<subject>_test.csv"),
-    "pubmedqa": ("pubmedqa/test_set.json", None,
-                 "github.com/pubmedqa/pubmedqa, data/ (test_set.json and test_ground_truth.json)"),
+    "pubmedqa": ("pubmedqa/test_set.json",
+                 PUBMEDQA_ORIGIN + " (test_set.json and test_ground_truth.json)"),
+    "pubmedqa_labeled": ("pubmedqa/ori_pqal.json", PUBMEDQA_ORIGIN + "ori_pqal.json"),
 }
+# The first records of three sets, committed in the data folder's layout (demo_data/README.md): what
+# a newcomer gets with neither a data folder nor the Hub. name -> (the set, its full size).
+DEMO_DATA_DIR = Path(__file__).resolve().parent / "demo_data"
+EMBEDDED = {"medqa_dev": ("MedQA-USMLE 4-option dev", 1272),
+            "medqa_test": ("MedQA-USMLE 4-option test", 1273),
+            "mmlu_pro_health": ("MMLU-Pro health", 818)}
+_warned_embedded = set()  # the fallback is announced once per name per process
 
 
-def _ensure_file(path: Path, name: str) -> Path:
-    """`path` if it exists; else download it from the Hub (where the dataset is there in our
-    schema)."""
-    if path.exists():
-        return path
-    _, hub, origin = DATASETS[name]
-    how = (f"put it there (source: {origin}), "
-           "or point MEDRLVR_DATA / data_dir at a folder that has it")
-    if hub is None:
-        raise DataError(f"{path}: not found; dataset {name!r} reads this file: {how}")
-    repo, filename = hub
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        raise DataError(f"{path}: not found, and HF_HUB_OFFLINE is set, so it was not downloaded "
-                        f"from the Hugging Face Hub (dataset {repo}, file {filename}); {how}, "
-                        "or run once online")
-    try:
-        from huggingface_hub import hf_hub_download  # only needed here; comes with transformers
-        cached = Path(hf_hub_download(repo_id=repo, filename=filename, repo_type="dataset"))
-    except Exception as e:  # no network, no such repo, ...: one clear message either way
-        raise DataError(f"{path}: not found, and downloading {filename} from the Hugging Face Hub "
-                        f"dataset {repo} failed ({type(e).__name__}: {str(e)[:200]}); "
-                        f"{how}") from None
-    try:  # copy into the data folder, atomically, so the next run finds it there
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        shutil.copyfile(cached, partial)
-        os.replace(partial, path)
-    except OSError as e:  # e.g. a read-only shared data folder: read the Hub cache's copy instead
-        log.warning("could not copy %s to %s (%s); reading it from the Hub cache", cached, path, e)
-        return cached
-    log.info("downloaded %s/%s to %s", repo, filename, path)
-    return path
+@dataclass(frozen=True)
+class Source:
+    description: str  # what source_of reports, e.g. "data folder /x/medqa/4_options/dev.jsonl"
+    paths: tuple  # the files to read
+    hub_name: str = ""  # set: the files are this Hub set's, converted by hub.read
 
 
-def load_dataset(name_or_path: str, data_dir: str | None = None) -> list[dict]:
-    """A named benchmark (see DATASETS) under `data_dir` (default: env MEDRLVR_DATA, then
-    ~/.cache/medrlvr/data), or any file / folder of files load_mcqa reads."""
+def _locate(name_or_path: str, data_dir: str | None) -> Source:
+    """load_dataset's rule, short of reading: a Hub set is downloaded into the Hub cache here."""
     if name_or_path not in DATASETS:
         path = Path(name_or_path).expanduser()
         if path.is_dir():
             files = sorted(child for child in path.iterdir()
                            if child.suffix.lower() in (".csv", ".jsonl"))
-            return [record for file in files for record in load_mcqa(file)]
+            return Source(f"folder {path} ({len(files)} files)", tuple(files))
         if path.exists():
-            return load_mcqa(path)
+            return Source(f"file {path}", (path,))
         raise DataError(f"{name_or_path}: no such file, "
                         f"and not a dataset name ({', '.join(DATASETS)})")
-    root = Path(data_dir or os.environ.get("MEDRLVR_DATA") or DEFAULT_DATA_DIR).expanduser()
-    relative_path = DATASETS[name_or_path][0]
-    if name_or_path == "mmlu_medical":  # six subject files, one benchmark
-        return [record for subject in MMLU_MEDICAL_SUBJECTS
-                for record in load_mcqa(_ensure_file(root / relative_path / f"{subject}_test.csv",
-                                                     name_or_path))]
-    return load_mcqa(_ensure_file(root / relative_path, name_or_path))
+    name, relative = name_or_path, DATASETS[name_or_path][0]
+    configured = data_dir or os.environ.get("MEDRLVR_DATA")
+    root = Path(configured or DEFAULT_DATA_DIR).expanduser()
+    files = (root / relative,)
+    if name == "mmlu_medical":  # six subject files, one benchmark
+        files = tuple(root / relative / f"{subject}_test.csv" for subject in MMLU_MEDICAL_SUBJECTS)
+    missing = [path for path in files if not path.exists()]
+    if not missing:
+        return Source(f"data folder {root / relative}", files)
+    import hub  # only here: hub.py builds on this module's converters
+    try:
+        found = Source(hub.describe(name), hub.fetch(name), name)
+    except hub.HubUnavailable as e:
+        hub_problem = str(e)
+    else:  # a data folder the user chose but that lacks the file deserves a warning
+        (log.warning if configured else log.info)("%s: %s is not there; reading %s", name,
+                                                  missing[0], found.description)
+        return found
+    if configured or name not in EMBEDDED:
+        raise DataError(f"{missing[0]}: not found; dataset {name!r} reads this file, and "
+                        f"{hub_problem}; put it there (source: {DATASETS[name][1]}), point "
+                        "MEDRLVR_DATA / data_dir at a folder that has it, or run once online")
+    path = DEMO_DATA_DIR / relative
+    count = sum(1 for line in _read_text(path).split("\n") if line.strip())
+    if name not in _warned_embedded:
+        _warned_embedded.add(name)
+        log.warning("%s: using the embedded %d-question subset of %s (%s): no data folder is set "
+                    "and %s. Numbers on it are not the benchmark's. For the full set, set "
+                    "MEDRLVR_DATA to a folder that has %s, or run once online (the Hub copy is "
+                    "then cached)", name, count, EMBEDDED[name][0], path, hub_problem, relative)
+    return Source(f"embedded demo subset ({count} of {EMBEDDED[name][1]}) {path}", (path,))
+
+
+def load_dataset(name_or_path: str, data_dir: str | None = None) -> list[dict]:
+    """A named benchmark (DATASETS) under `data_dir` (default: env MEDRLVR_DATA, then
+    ~/.cache/medrlvr/data), else the Hub's pinned copy (hub.py), else, with no data folder set, the
+    embedded subset (EMBEDDED, with a warning). Or any file / folder of files load_mcqa reads."""
+    source = _locate(name_or_path, data_dir)
+    if source.hub_name:
+        import hub
+        return hub.read(source.hub_name, source.paths)
+    return [record for path in source.paths for record in load_mcqa(path)]
+
+
+def source_of(name_or_path: str, data_dir: str | None = None) -> str:
+    """Where load_dataset reads from, for a run's log: "data folder <path>", "Hub <repo>@<commit>
+    <file>" or "embedded demo subset (200 of 1272) <path>"."""
+    return _locate(name_or_path, data_dir).description
 
 
 # ---- Prompts -------------------------------------------------------------------------------------

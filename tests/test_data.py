@@ -33,8 +33,9 @@ REAL_COUNTS = {
 
 
 @pytest.fixture(scope="module")
-def real():
-    """Each named dataset loaded once for the whole module (MEDRLVR_DATA is set by conftest)."""
+def real(data_dir):
+    """Each named dataset loaded once for the whole module, from MEDRLVR_DATA (data_dir: skipped
+    without it)."""
     return {name: data.load_dataset(name) for name in REAL_COUNTS}
 
 
@@ -310,68 +311,15 @@ def test_generic_jsonl_and_missing_file(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# load_dataset: names, folders, the Hub download and its offline error
+# load_dataset: names and folders (tests/test_hub.py: a missing file, the Hub, the demo subset)
 # ---------------------------------------------------------------------------------------------
 
-def test_load_dataset_paths_and_errors(tmp_path, data_dir):
+def test_load_dataset_paths_and_errors(data_dir):
     assert len(data.load_dataset("medqa_test", data_dir=str(data_dir))) == 1273
     assert len(data.load_dataset(str(data_dir / "mmlu_medical/test"))) == 1089  # a folder of files
     assert len(data.load_dataset(str(data_dir / "medqa/4_options/dev.jsonl"))) == 1272
     with pytest.raises(DataError, match="not a dataset name"):
         data.load_dataset("medqa_tset")
-    with pytest.raises(DataError) as err:  # no Hub copy in this schema: only "put it there"
-        data.load_dataset("medqa_dev", data_dir=str(tmp_path))
-    assert str(err.value).startswith(f"{tmp_path / 'medqa/4_options/dev.jsonl'}: not found")
-    assert "MEDRLVR_DATA" in str(err.value)
-    with pytest.raises(DataError, match="clinical_knowledge_test.csv: not found"):
-        (tmp_path / "mmlu_medical/test").mkdir(parents=True)
-        (tmp_path / "mmlu_medical/test/anatomy_test.csv").write_text("Q,a,b,c,d,A\n")
-        data.load_dataset("mmlu_medical", data_dir=str(tmp_path))
-
-
-def test_load_dataset_offline_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("MEDRLVR_DATA", str(tmp_path))
-    with pytest.raises(DataError) as err:
-        data.load_dataset("medqa_train")
-    message = str(err.value)
-    assert message.startswith(f"{tmp_path / 'medqa/4_options/train.jsonl'}: not found")
-    for words in ("HF_HUB_OFFLINE", "GBaker/MedQA-USMLE-4-options",
-                  "phrases_no_exclude_train.jsonl", "MEDRLVR_DATA"):
-        assert words in message
-
-
-def test_load_dataset_downloads_from_hub(tmp_path, monkeypatch):
-    import huggingface_hub
-
-    cache = tmp_path / "hub_cache" / "phrases_no_exclude_train.jsonl"
-    cache.parent.mkdir()
-    cache.write_text("\n".join(medqa_line(question=f"Q{i}") for i in range(3)) + "\n")
-    calls = []
-
-    def fake_download(**kwargs):
-        calls.append(kwargs)
-        return str(cache)
-
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    records = data.load_dataset("medqa_train", data_dir=str(tmp_path / "data"))
-    assert calls == [{"repo_id": "GBaker/MedQA-USMLE-4-options",
-                      "filename": "phrases_no_exclude_train.jsonl", "repo_type": "dataset"}]
-    assert [record["id"] for record in records] == ["medqa_train-1", "medqa_train-2",
-                                                    "medqa_train-3"]
-    assert (tmp_path / "data/medqa/4_options/train.jsonl").read_text() == cache.read_text()
-    data.load_dataset("medqa_train", data_dir=str(tmp_path / "data"))
-    assert len(calls) == 1  # found in the data folder the second time
-
-    def failing_download(**kwargs):
-        raise ConnectionError("no network")
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", failing_download)
-    with pytest.raises(DataError, match="downloading phrases_no_exclude_test.jsonl from the "
-                                        "Hugging Face Hub dataset GBaker/MedQA-USMLE-4-options "
-                                        "failed \\(ConnectionError: no network\\)"):
-        data.load_dataset("medqa_test", data_dir=str(tmp_path / "data"))
 
 
 # ---------------------------------------------------------------------------------------------
