@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import random
 import signal
 import sys
@@ -89,13 +90,61 @@ def parse_flags(config_class, presets: dict, check, argv=None, description=""):
     if preset not in presets:
         parser.error(f"--preset {preset!r}: unknown; choose one of {sorted(presets)}")
     cfg = config_class(**{**presets[preset], **given})
-    if problems := tracking.flag_problems(cfg.report_to) + check(cfg):
+    problems = tracking.flag_problems(cfg.report_to) + run_flag_problems(cfg) + check(cfg)
+    if problems:
         parser.error("\n  ".join(["bad settings:"] + problems))
     return cfg
 
 
 def parse_bool(text: str) -> bool:
-    return text.lower() in ("1", "true", "yes", "on")
+    """A boolean flag's value. Anything but the usual spellings is an error (argparse names the
+    flag), so that a typo such as `--resume ture` does not quietly mean False."""
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean: use true or false")
+
+
+def value_problems(cfg, fields, positive=(), non_negative=(), fractions=(), named=(),
+                   choices=None) -> list[str]:
+    """The flags among `fields` (names of cfg's fields) whose values would fail later, deep in model
+    loading or the loop, each with what is wrong: every float that is NaN or inf, and those that
+    must be > 0 (`positive`), >= 0 (`non_negative`), in [0, 1] (`fractions`), not empty (`named`)
+    or one of a fixed set (`choices`: {name: allowed values})."""
+    bad = []
+    for name in fields:
+        value = getattr(cfg, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            bad.append(f"--{name} {value}: must be a finite number")
+        elif name in positive and not value > 0:
+            bad.append(f"--{name} {value}: must be > 0")
+        elif name in non_negative and not value >= 0:
+            bad.append(f"--{name} {value}: must be >= 0")
+        elif name in fractions and not 0 <= value <= 1:
+            bad.append(f"--{name} {value}: must be in [0, 1]")
+        elif name in named and not value.strip():
+            bad.append(f"--{name} {value!r}: must not be empty")
+        elif name in (choices or {}) and value not in choices[name]:
+            bad.append(f"--{name} {value!r}: choose one of {', '.join(choices[name])}")
+    return bad
+
+
+def own_fields(cfg) -> list[str]:
+    """The names of a trainer's own flags: its Config's fields that RunFlags does not have."""
+    return [f.name for f in dataclasses.fields(cfg) if f.name not in RunFlags.__annotations__]
+
+
+def run_flag_problems(cfg) -> list[str]:
+    """What is wrong with the values of the RunFlags fields (each trainer checks its own fields;
+    --report_to is tracking.flag_problems')."""
+    bad = value_problems(cfg, list(RunFlags.__annotations__), positive=(
+        "save_every", "collective_timeout_s", "max_nonfinite_steps"),
+        non_negative=("max_steps", "keep_last"), named=("out_dir",),
+        choices={"device": ("auto", "cpu", "cuda"), "dtype": ("bfloat16", "float32")})
+    if not 0 <= cfg.seed < 2**32:  # numpy's seed range
+        bad.append(f"--seed {cfg.seed}: must be in [0, 2**32)")
+    return bad
 
 
 # --------------------------------------------------------------------------------------------------

@@ -107,7 +107,7 @@ class Config(common.RunFlags):
     warmup_ratio: float = arg(0.03, "linear warm-up share of the updates (OpenRLHF 0.03)")
     min_lr_ratio: float = arg(0.1, "cosine decay to this share of the peak (OpenRLHF 0.1)")
     weight_decay: float = arg(0.0, "AdamW weight decay (OpenRLHF 0)")
-    max_grad_norm: float = arg(1.0, "gradient clipping (OpenRLHF 1.0)")
+    max_grad_norm: float = arg(1.0, "gradient clipping (OpenRLHF 1.0); 0: off")
     recompute_logprobs: str = arg("auto", "old log-probs from a training forward: true | false | "
                                           "auto (when not fp32, as OpenRLHF)")
     tis_cap: float = arg(0.0, "> 0: weight token losses by min(pi_old / pi_sampler, cap) (TIS)")
@@ -153,7 +153,17 @@ def parse_config(argv=None) -> Config:
 
 def check_config(cfg: Config, world: int = 1) -> list:
     """Settings that cannot work, each with the flag to change and why."""
-    bad = []
+    bad = common.value_problems(cfg, common.own_fields(cfg), positive=(
+        "max_prompt_tokens num_epochs rollout_batch_size n_samples_per_prompt max_new_tokens top_p "
+        "generate_batch_size max_sample_rounds kl_horizon ppo_epochs train_batch_size "
+        "micro_batch_size clip_eps actor_lr critic_lr").split(), non_negative=(
+        "temperature top_k overlong_buffer overlong_penalty kl_coef kl_target clip_eps_high "
+        "value_clip_eps entropy_coef weight_decay max_grad_norm tis_cap forward_token_budget "
+        "eval_every eval_limit eval_max_new_tokens").split(),
+        fractions="gamma lam warmup_ratio min_lr_ratio".split(), named=("model", "train_data"),
+        choices={"prompt_style": common.data.PROMPT_STYLES})
+    if bad:  # the checks below divide by these sizes
+        return bad
     n_rows = cfg.rollout_batch_size * cfg.n_samples_per_prompt
     groups = cfg.advantage in ("grpo", "drgrpo", "rloo")  # advantages relative to a group
     if cfg.advantage not in ("gae", "grpo", "drgrpo", "rloo", "reinforce_pp"):

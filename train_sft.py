@@ -55,7 +55,7 @@ class Config(common.RunFlags):
     warmup_ratio: float = arg(0.03, "linear warm-up share of the steps (OpenRLHF 0.03)")
     min_lr_ratio: float = arg(0.1, "cosine decay to this share of the peak (OpenRLHF 0.1)")
     weight_decay: float = arg(0.0, "AdamW weight decay (OpenRLHF l2 0)")
-    max_grad_norm: float = arg(1.0, "gradient clipping (OpenRLHF max_norm 1.0)")
+    max_grad_norm: float = arg(1.0, "gradient clipping (OpenRLHF max_norm 1.0); 0: off")
     # --- the run (common.RunFlags holds the rest)
     out_dir: str = arg("runs/sft", "metrics.jsonl, config.json and checkpoints/ go here")
     save_every: int = arg(100, "checkpoint every N steps (and at the end)")
@@ -84,7 +84,13 @@ def parse_config(argv=None) -> Config:
 
 
 def check_config(cfg: Config, world: int = 1) -> list:
-    bad = []
+    """Settings that cannot work, each with the flag to change and why."""
+    bad = common.value_problems(cfg, common.own_fields(cfg), positive=(
+        "max_prompt_tokens", "num_epochs", "train_batch_size", "micro_batch_size", "lr"),
+        non_negative=("weight_decay", "max_grad_norm"), fractions=("warmup_ratio", "min_lr_ratio"),
+        named=("model", "train_data"))
+    if bad:  # the check below divides by these sizes
+        return bad
     if cfg.prompt_style not in TARGET_PREFIX:
         bad.append(f"--prompt_style {cfg.prompt_style!r}: SFT answers directly; choose "
                    f"{' or '.join(TARGET_PREFIX)}")
