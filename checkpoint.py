@@ -4,9 +4,12 @@ Layout (one folder per saved step, under OUT/checkpoints/):
     step_000010/
         policy/           Hugging Face folder (AutoModelForCausalLM.from_pretrained loads it)
         critic/           Hugging Face folder (AutoModelForTokenClassification), PPO with a critic
-        optim/            optimizer state via torch.distributed.checkpoint: sharded, one file per
-                          rank, resharded on load, so a run can resume on another number of ranks
-        rng.pt            the torch, numpy and Python random states
+        optim/            per optimizer NAME: NAME.safetensors (its whole state, gathered on rank 0)
+                          and NAME.json (the param groups' hyperparameters, which tensor is which);
+                          every rank takes its shard on load, so a run can resume on another number
+                          of ranks
+        rng.safetensors   the torch (and CUDA) and numpy random states, as tensors
+        rng.json          the rest of numpy's state and Python's random state (ints and floats)
         trainer_state.json  step, position in the data, KL coefficient, scheduler, ...
         MANIFEST.json     step, config, every file with its size and sha256; written last
 
@@ -16,6 +19,11 @@ every file is written and fsynced does rank 0 write MANIFEST.json and rename the
 a `.tmp-` folder (or `.old-` / `.del-`: a step being replaced, an old step being deleted), which
 resume ignores and the next save removes. Resume trusts a checkpoint only after checking every file
 against the manifest; `fallback=True` steps back to the newest one that passes.
+
+Nothing in a checkpoint runs code when it is loaded: every file is safetensors or JSON, never a
+pickle (torch.load, torch.distributed.checkpoint's metadata), and model folders load with
+use_safetensors. A run folder from someone else can then be resumed or evaluated; the manifest's
+checksums do not help there, since whoever sends the folder writes the manifest too.
 """
 import contextlib
 import hashlib
@@ -30,8 +38,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 import distributed
 from model import save_model
@@ -94,9 +107,8 @@ def writing(root, step: int, meta: dict, keep_last: int = 0):
     err = None
     try:
         yield tmp
-    except (Exception, CheckpointException) as e:  # dcp's is a BaseException, not an Exception
-        # reported below, once every rank agreed: OSError, safetensors' SafetensorError, dcp's
-        # CheckpointException around torch.save's RuntimeError, ...
+    except Exception as e:
+        # reported below, once every rank agreed: OSError, safetensors' SafetensorError, ...
         err = e
     # every rank must have written its part before rank 0 publishes the folder
     failed = distributed.all_reduce_sum(torch.tensor([1.0 if err is not None else 0.0])).item() > 0
@@ -141,13 +153,9 @@ def writing(root, step: int, meta: dict, keep_last: int = 0):
 
 def _cannot_write(final: Path, err: BaseException) -> str:
     """One line: the checkpoint, the error underneath, and the free space there, measured before the
-    partial folder is removed (a full disk is the usual cause, and torch.save says it as "unexpected
-    pos 704 vs 598")."""
-    errors = [err]
-    if hasattr(err, "failures"):  # torch.distributed.checkpoint's: one error per rank
-        errors = [e for e, _ in err.failures.values()]
-    said = [str(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}" for e in errors]
-    what = " ".join("; ".join(said).split())
+    partial folder is removed (a full disk is the usual cause)."""
+    said = str(err) if isinstance(err, OSError) else f"{type(err).__name__}: {err}"
+    what = " ".join(said.split())
     try:
         free = f" ({shutil.disk_usage(final.parent).free / 2 ** 20:.1f} MiB free there)"
     except OSError:
@@ -203,6 +211,7 @@ def find_resumable(root, fallback: bool = False, log=print):
     for folder in reversed(ckpts):
         problems = verify(folder)
         if not problems:
+            refuse_pickles(folder)
             return folder
         msg = f"checkpoint {folder} failed verification:\n  " + "\n  ".join(problems)
         if not fallback:
@@ -212,14 +221,30 @@ def find_resumable(root, fallback: bool = False, log=print):
     raise CheckpointError(f"no checkpoint under {root} passes verification")
 
 
+# what torch.save, pytorch_model.bin and torch.distributed.checkpoint's files are: pickles
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".distcp")
+
+
+def refuse_pickles(folder):
+    """Refuse a checkpoint holding a pickle, before anything of it is loaded: unpickling runs
+    whatever code the file holds, and a manifest that agrees proves nothing about who wrote it.
+    A refusal, not damage: no falling back to an older step."""
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and (path.suffix in PICKLE_SUFFIXES or path.name == ".metadata"):
+            raise CheckpointError(f"{path}: a pickle, which would run any code it holds when "
+                                  f"loaded; a checkpoint holds only safetensors and JSON (this one "
+                                  f"was altered, or written by a version that used pickles)")
+
+
 # --------------------------------------------------------------------------------------------------
 # A training run's whole state: used by both trainers
 # --------------------------------------------------------------------------------------------------
 def save_training(root, step, models: dict, opts: dict, scheds: dict, tokenizer, config: dict,
                   extra: dict, keep_last: int = 0):
-    """Write checkpoint `step`: each model as a Hugging Face folder (gathered on rank 0), the
-    optimizers (sharded, one file per rank), the schedulers, RNG states and `extra` (e.g. the KL
-    coefficient). `models` maps a folder name to a model, `opts`/`scheds` the same names to its
+    """Write checkpoint `step`: each model as a Hugging Face folder and each optimizer's state
+    (both gathered on rank 0), the schedulers, RNG states and `extra` (e.g. the KL coefficient).
+    `models` maps a folder name to a model, `opts`/`scheds` the same names to its
     optimizer/scheduler. Collective: every rank calls it. Refuses to write non-finite weights."""
     # under FSDP gathered on rank 0 only
     full = {name: distributed.full_model_state_dict(m) for name, m in models.items()}
@@ -228,7 +253,7 @@ def save_training(root, step, models: dict, opts: dict, scheds: dict, tokenizer,
     if not distributed.broadcast_object(finite):
         raise CheckpointError(f"step {step}: the weights hold NaN or inf; refusing to write them "
                               f"into a checkpoint")
-    optim = {name: distributed.optimizer_state_dict(m, opts[name]) for name, m in models.items()}
+    optim = {name: _full_optimizer_state(m, opts[name]) for name, m in models.items()}
     world_size = 1
     if distributed.is_distributed():
         world_size = distributed.all_reduce_sum(torch.ones(1)).item()
@@ -239,28 +264,126 @@ def save_training(root, step, models: dict, opts: dict, scheds: dict, tokenizer,
             for name, m in models.items():
                 save_model(m, tokenizer, tmp / name, state_dict=full[name])
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-            rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                   "python": random.getstate()}
-            torch.save(rng, tmp / "rng.pt")
-        dcp.save(optim, checkpoint_id=str(tmp / "optim"))  # each rank writes its own shard
+            _save_rng(tmp)
+            (tmp / "optim").mkdir()
+            for name, osd in optim.items():
+                _save_optimizer(osd, tmp / "optim", name)
 
 
 def load_training(folder, models: dict, opts: dict, scheds: dict) -> dict:
     """Restore optimizers (resharded to this run's number of ranks), schedulers and RNG states from
-    a checkpoint whose model folders the caller already loaded. Returns trainer_state.json."""
+    a checkpoint whose model folders the caller already loaded. Returns trainer_state.json. Reads
+    only safetensors and JSON: a file that is anything else is refused, naming it."""
     folder = Path(folder)
-    optim = {name: distributed.optimizer_state_dict(m, opts[name]) for name, m in models.items()}
-    dcp.load(optim, checkpoint_id=str(folder / "optim"))
+    # whole tensors: under FSDP each rank keeps its shard of them (full_state_dict, whichever the
+    # number of ranks); a single process loads them as they are
+    whole = StateDictOptions(full_state_dict=distributed.is_distributed())
     for name, m in models.items():
-        distributed.load_optimizer_state_dict(m, opts[name], optim[name])
-    state = json.loads((folder / "trainer_state.json").read_text())
-    for k, s in scheds.items():
-        s.load_state_dict(state["schedulers"][k])
-    rng = torch.load(folder / "rng.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
+        osd = _load_optimizer(folder / "optim", name)
+        set_optimizer_state_dict(m, opts[name], osd, options=whole)
+    state = _read_json(folder / "trainer_state.json")
+    try:
+        for k, s in scheds.items():
+            s.load_state_dict(state["schedulers"][k])
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{folder / 'trainer_state.json'}: no scheduler state for {e}") from e
+    _load_rng(folder)
     return state
+
+
+# --- the files: safetensors for tensors, JSON for the rest; never a pickle -----------------------
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:  # a pickle in its place is not UTF-8, or not JSON
+        raise CheckpointError(f"{path}: not a readable JSON file ({type(e).__name__}: {e})") from e
+
+
+def _read_tensors(path: Path) -> dict:
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as e:  # a pickle in its place has no safetensors header
+        raise CheckpointError(f"{path}: not a readable safetensors file "
+                              f"({type(e).__name__}: {e})") from e
+
+
+def _save_rng(folder: Path):
+    """The random states every rank restores on resume (rank 0's: all ranks draw alike)."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(keys.astype(np.int64))}
+    if torch.cuda.is_available():
+        for i, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = cuda_state
+    save_file(tensors, folder / "rng.safetensors")
+    version, python_state, gauss_next = random.getstate()
+    rest = {"numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss),
+                      "cached_gaussian": float(cached_gaussian)},
+            "python": {"version": version, "state": list(python_state), "gauss_next": gauss_next}}
+    (folder / "rng.json").write_text(json.dumps(rest))
+
+
+def _load_rng(folder: Path):
+    tensors = _read_tensors(folder / "rng.safetensors")
+    rest = _read_json(folder / "rng.json")
+    try:
+        torch.set_rng_state(tensors["torch"])
+        numpy = rest["numpy"]
+        np.random.set_state((numpy["kind"], tensors["numpy"].numpy().astype(np.uint32),
+                             numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"]))
+        python = rest["python"]
+        random.setstate((python["version"], tuple(python["state"]), python["gauss_next"]))
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{folder / 'rng.safetensors'} or {folder / 'rng.json'}: not a "
+                              f"random state ({type(e).__name__}: {e})") from e
+    cuda_states = [tensors[f"cuda.{i}"] for i in range(len(tensors)) if f"cuda.{i}" in tensors]
+    # on another number of GPUs than at save time there is no state to give each of them
+    if torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _full_optimizer_state(model, optimizer) -> dict:
+    """The optimizer's whole state keyed by parameter name, on CPU; under FSDP gathered onto rank 0
+    (other ranks get {}). Whole tensors, not shards: then loading on any number of ranks is
+    set_optimizer_state_dict's full_state_dict path, and the files hold no sharding layout."""
+    if not distributed.is_distributed():
+        return get_optimizer_state_dict(model, optimizer)
+    return get_optimizer_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _save_optimizer(osd: dict, folder: Path, name: str):
+    """NAME.safetensors: each tensor of the state as "PARAM/KEY"; NAME.json: the param groups and,
+    per parameter, its non-tensor values and the keys of its tensors."""
+    tensors, index = {}, {}
+    for param, values in osd["state"].items():
+        index[param] = {"tensors": [], "values": {}}
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{param}/{key}"] = value.detach().cpu().contiguous()
+                index[param]["tensors"].append(key)
+            else:
+                index[param]["values"][key] = value
+    save_file(tensors, folder / f"{name}.safetensors")
+    (folder / f"{name}.json").write_text(
+        json.dumps({"state": index, "param_groups": osd["param_groups"]}, indent=1))
+
+
+def _load_optimizer(folder: Path, name: str) -> dict:
+    tensors = _read_tensors(folder / f"{name}.safetensors")
+    index_path = folder / f"{name}.json"
+    index = _read_json(index_path)
+    try:
+        state = {param: {**entry["values"], **{key: tensors[f"{param}/{key}"]
+                                                for key in entry["tensors"]}}
+                 for param, entry in index["state"].items()}
+        param_groups = [dict(group) for group in index["param_groups"]]
+        for group in param_groups:
+            if "betas" in group:  # a tuple before JSON made it a list; keep the optimizer's type
+                group["betas"] = tuple(group["betas"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{index_path}: not an optimizer index for "
+                              f"{folder / f'{name}.safetensors'} ({type(e).__name__}: {e})") from e
+    return {"state": state, "param_groups": param_groups}
 
 
 def keep_steps_upto(path: Path, step: int):

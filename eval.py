@@ -504,7 +504,10 @@ def main(argv=None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     run_start = time.time()
     args.model_path = resolve_model(args.model)
-    policy, tokenizer = load_policy(args.model_path, dtype=args.dtype, device=args.device)
+    try:
+        policy, tokenizer = load_policy(args.model_path, dtype=args.dtype, device=args.device)
+    except ValueError as error:  # e.g. a folder whose weights are a pickle: one line, not a trace
+        raise SystemExit(f"error: {error}") from None
     policy.eval()
     config = {key: value for key, value in vars(args).items() if key not in ("compare", "plot")}
     results = {"config": {**config, "bootstrap_resamples": BOOTSTRAP_RESAMPLES}, "sets": {}}

@@ -316,6 +316,21 @@ def pack_trees(seq, P, T, lengths, groups) -> ResponseBatch:
 PAD_CANDIDATES = ["<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>", "<|fim_pad|>"]
 
 
+def refuse_pickled_weights(path):
+    """A local model folder whose weights are only a pickle (pytorch_model.bin, *.pt, ...) is
+    refused: unpickling runs whatever code the file holds, and a model folder may come from anyone.
+    Models load with use_safetensors=True, which reads tensors and nothing else."""
+    folder = Path(path)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickle_suffixes = (".bin", ".pt", ".pth", ".pkl")
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in pickle_suffixes)
+    if pickles:
+        raise ValueError(f"{folder / pickles[0]}: model weights as a pickle, which would run any "
+                         f"code it holds when loaded; only model.safetensors is read (convert it "
+                         f"with save_pretrained(..., safe_serialization=True) where it came from)")
+
+
 def load_policy(name_or_path="smollm2-135m", dtype="float32", device="cpu",
                 gradient_checkpointing=False):
     """(causal LM, tokenizer) by model_zoo name (smollm2-135m, tiny-qwen2, tiny-llama, random-...),
@@ -330,8 +345,10 @@ def load_policy(name_or_path="smollm2-135m", dtype="float32", device="cpu",
         path = name_or_path
         if name_or_path == model_zoo.SMOLLM2_NAME:
             path = model_zoo.smollm2_folder()
+        refuse_pickled_weights(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        policy = AutoModelForCausalLM.from_pretrained(path, dtype=as_dtype(dtype))
+        policy = AutoModelForCausalLM.from_pretrained(path, dtype=as_dtype(dtype),
+                                                     use_safetensors=True)
         policy = own_aligned_memory(policy).to(device)
         set_pad_token(tokenizer, policy)
     set_gradient_checkpointing(policy, gradient_checkpointing)
@@ -351,8 +368,10 @@ def load_critic(name_or_path="smollm2-135m", dtype="float32", device="cpu",
     job builds the same head; V starts near 0 but the backbone gets a gradient from the first step.
     """
     if isinstance(name_or_path, (str, os.PathLike)) and is_critic_folder(name_or_path):
+        refuse_pickled_weights(name_or_path)
         critic = AutoModelForTokenClassification.from_pretrained(name_or_path,
-                                                                 dtype=as_dtype(dtype))
+                                                                 dtype=as_dtype(dtype),
+                                                                 use_safetensors=True)
         critic = own_aligned_memory(critic)
     else:
         if isinstance(name_or_path, nn.Module):

@@ -19,8 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's flat modules
 
-import torch.distributed.checkpoint as dcp  # noqa: E402
-
+import checkpoint  # noqa: E402
 import experience  # noqa: E402
 import ppo  # noqa: E402
 import verifier  # noqa: E402
@@ -84,15 +83,16 @@ def inject(trainer_name: str, faults: list) -> None:
 
         trainer.target_logprobs = nan_target_logprobs
 
-    save = dcp.save
+    # rank 0 fsyncs the temporary folder once every rank has written its files, then publishes it
+    fsync_tree = checkpoint._fsync_tree
 
     def slow_save(*args, **kwargs):
-        out = save(*args, **kwargs)
+        out = fsync_tree(*args, **kwargs)
         if due("slow_save"):
             time.sleep(60)
         return out
 
-    dcp.save = slow_save
+    checkpoint._fsync_tree = slow_save
 
 
 def main():

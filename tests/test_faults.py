@@ -200,7 +200,7 @@ def test_sigkill_mid_checkpoint_write_leaves_the_previous_one_sound(toy, referen
     checkpoints = out / "checkpoints"
     # slow_save@3: step 3's checkpoint waits 60 s, fully written in its .tmp- folder, unpublished
     process = start(toy, out, fault="slow_save@3")
-    wait_until(lambda: any(checkpoints.glob("step_000003.tmp-*/optim/.metadata")), process)
+    wait_until(lambda: any(checkpoints.glob("step_000003.tmp-*/optim/critic.json")), process)
     process.kill()
     finish(process)
     assert steps_of(out) == [1, 2] and leftovers(out)[0].startswith("step_000003.tmp-")
@@ -239,7 +239,7 @@ def test_sigterm_ctrl_c_and_a_second_ctrl_c_then_resume_exactly(toy, reference, 
     # An impatient second Ctrl-C stops at once, here in the middle of the next checkpoint write
     # (held open 60 s by slow_save): no waiting, and what it leaves behind is a .tmp- folder,
     # nothing worse.
-    unpublished = f"step_{step + 1:06d}.tmp-*/optim/.metadata"
+    unpublished = f"step_{step + 1:06d}.tmp-*/optim/critic.json"
     process = start(args + ["--resume", "--save_every", "1"], out, fault=f"slow_save@{step + 1}")
     wait_until(lambda: any((out / "checkpoints").glob(unpublished)), process)
     t0 = time.time()
