@@ -102,8 +102,8 @@ class Config(common.RunFlags):
     entropy_coef: float = arg(0.0, "entropy bonus (OpenRLHF 0)")
     loss_agg: str = arg("seq-mean", "seq-mean (OpenRLHF v0.5.7-0.6) | token-mean | "
                                     "seq-mean-token-sum-norm (Dr. GRPO)")
-    actor_lr: float = arg(1e-6, "actor learning rate (OpenRLHF 1e-6)")
-    critic_lr: float = arg(9e-6, "critic learning rate (OpenRLHF 9e-6)")
+    actor_lr: float = arg(1e-6, "actor learning rate (OpenRLHF 1e-6); 0: frozen")
+    critic_lr: float = arg(9e-6, "critic learning rate (OpenRLHF 9e-6); 0: frozen")
     warmup_ratio: float = arg(0.03, "linear warm-up share of the updates (OpenRLHF 0.03)")
     min_lr_ratio: float = arg(0.1, "cosine decay to this share of the peak (OpenRLHF 0.1)")
     weight_decay: float = arg(0.0, "AdamW weight decay (OpenRLHF 0)")
@@ -156,10 +156,10 @@ def check_config(cfg: Config, world: int = 1) -> list:
     bad = common.value_problems(cfg, common.own_fields(cfg), positive=(
         "max_prompt_tokens num_epochs rollout_batch_size n_samples_per_prompt max_new_tokens top_p "
         "generate_batch_size max_sample_rounds kl_horizon ppo_epochs train_batch_size "
-        "micro_batch_size clip_eps actor_lr critic_lr").split(), non_negative=(
-        "temperature top_k overlong_buffer overlong_penalty kl_coef kl_target clip_eps_high "
-        "value_clip_eps entropy_coef weight_decay max_grad_norm tis_cap forward_token_budget "
-        "eval_every eval_limit eval_max_new_tokens").split(),
+        "micro_batch_size clip_eps").split(), non_negative=(
+        "actor_lr critic_lr temperature top_k overlong_buffer overlong_penalty kl_coef kl_target "
+        "clip_eps_high value_clip_eps entropy_coef weight_decay max_grad_norm tis_cap "
+        "forward_token_budget eval_every eval_limit eval_max_new_tokens").split(),
         fractions="gamma lam warmup_ratio min_lr_ratio".split(), named=("model", "train_data"),
         choices={"prompt_style": common.data.PROMPT_STYLES})
     if bad:  # the checks below divide by these sizes

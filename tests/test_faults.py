@@ -258,22 +258,11 @@ def test_sigterm_ctrl_c_and_a_second_ctrl_c_then_resume_exactly(toy, reference, 
 # 3. Non-finite reward, loss, gradient
 # ==================================================================================================
 def all_tensors(folder: Path):
-    """Every tensor a checkpoint holds: both models' weights and the optimizer's state."""
+    """Every tensor a checkpoint holds: both models' weights and the optimizer's state (all of them
+    safetensors files)."""
     from safetensors.torch import load_file
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     for path in sorted(folder.rglob("*.safetensors")):
         yield from ((f"{path.relative_to(folder)}:{k}", v) for k, v in load_file(path).items())
-    flat = folder.parent.parent / f"{folder.name}-optim.pt"  # beside checkpoints/, not in it
-    dcp_to_torch_save(folder / "optim", flat)
-    stack = [("optim", torch.load(flat, weights_only=False))]
-    while stack:
-        name, obj = stack.pop()
-        if isinstance(obj, torch.Tensor):
-            yield name, obj
-        elif isinstance(obj, dict):
-            stack += [(f"{name}.{k}", v) for k, v in obj.items()]
-        elif isinstance(obj, (list, tuple)):
-            stack += [(f"{name}.{i}", v) for i, v in enumerate(obj)]
 
 
 @pytest.mark.slow
@@ -296,7 +285,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(toy, tmp_path):
     weights = {}
     for folder in checkpoint.list_checkpoints(out / "checkpoints"):
         tensors = dict(all_tensors(folder))
-        assert len(tensors) > 40 and any(k.startswith("optim.") for k in tensors)
+        assert len(tensors) > 40 and any(k.startswith("optim/") for k in tensors)
         bad = [k for k, t in tensors.items()
                if t.is_floating_point() and not torch.isfinite(t).all()]
         assert bad == [], (folder, bad)

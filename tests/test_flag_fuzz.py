@@ -79,10 +79,10 @@ def test_good_spellings_of_a_bool_parse(trainer):
 
 def test_several_bad_values_are_named_together(capsys):
     with pytest.raises(SystemExit):
-        train_ppo.parse_config(["--preset", "smoke", "--actor_lr", "0", "--gamma", "2",
+        train_ppo.parse_config(["--preset", "smoke", "--actor_lr", "-1", "--gamma", "2",
                                 "--save_every", "0", "--device", "tpu"])
     err = capsys.readouterr().err
-    for words in ("--actor_lr 0.0: must be > 0", "--gamma 2.0: must be in [0, 1]",
+    for words in ("--actor_lr -1.0: must be >= 0", "--gamma 2.0: must be in [0, 1]",
                   "--save_every 0: must be > 0", "--device 'tpu': choose one of auto, cpu, cuda"):
         assert words in err
 
