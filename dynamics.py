@@ -14,8 +14,9 @@ training curves of RUN_DIR/metrics.jsonl (CURVES: reward, format rate, accuracy,
 KL, entropy, a panel each) and, when the run has an eval.jsonl, the held-out accuracy of each set.
 
 The rules. Every response is scored again with verifier.verify(PROMPT_PREFILL[style] + response,
-gold, options) with the run's own strict_format and reward values from RUN_DIR/config.json (the
-flags stored in rollouts.jsonl are not trusted: the verifier may have been fixed since).
+gold, options, rules) under the run's own verifier.Rules from RUN_DIR/config.json (strict_format,
+penalize_template_copy, the reward values; the flags stored in rollouts.jsonl are not trusted: the
+verifier may have been fixed since).
 Text is split at the tags into the PREFIX (before <think>), the THINK block and the rest. The think
 block STATES the answer in its first sentence that names the chosen option (its letter as an
 answer, "answer is B" / "(B)", or the option's text) in the words of a conclusion ("answer",
@@ -58,10 +59,11 @@ import math
 import re
 import sys
 from collections import Counter
+from dataclasses import fields
 from pathlib import Path
 
 from data import PROMPT_PREFILL
-from verifier import verify
+from verifier import Rules, verify
 
 # Stage names, in the order of the rules (and of the table's columns).
 FORMAT_FAILURE = "format_failure"
@@ -172,24 +174,32 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def verify_options(run_dir: Path) -> dict:
-    """verify()'s keyword arguments as the run trained with them (RUN_DIR/config.json), so that a
-    run with strict_format or other reward values is judged by its own rules; the verifier's
-    defaults otherwise."""
+def run_rules(run_dir: Path) -> Rules:
+    """The verifier's rules as the run trained with them (RUN_DIR/config.json holds the trainer's
+    flags, named as the fields of Rules), so that a run with strict_format, the template-copy
+    penalty or other reward values is judged by its own rules. A rule the config does not name (a
+    run older than the rule, or no config.json) keeps the study's default."""
     path = run_dir / "config.json"
     config = json.loads(path.read_text()) if path.is_file() else {}
-    config_key_of = {"strict": "strict_format", "format_reward": "format_reward",
-                     "wrong_reward": "wrong_reward", "correct_reward": "correct_reward"}
-    return {arg: config[key] for arg, key in config_key_of.items() if key in config}
+    rules = {}
+    for field in fields(Rules):
+        if field.name in config:
+            value = config[field.name]
+            is_flag = isinstance(field.default, bool)
+            if isinstance(value, bool) != is_flag or not isinstance(value, (int, float)):
+                expected = "true or false" if is_flag else "a number"
+                raise ValueError(f"{path}: {field.name} is {value!r}, expected {expected}")
+            rules[field.name] = value
+    return Rules(**rules)
 
 
-def classify_rows(rows: list[dict], verify_kwargs: dict | None = None) -> list[dict]:
-    """Each rollout row, verified again and classified: {"step", "stage", "v" (verify's dict),
-    "reward", "chars", "tokens", "text"}."""
+def classify_rows(rows: list[dict], rules: Rules = Rules()) -> list[dict]:
+    """Each rollout row, verified again under `rules` and classified: {"step", "stage", "v"
+    (verify's dict), "reward", "chars", "tokens", "text"}."""
     out = []
     for row in rows:
         text = PROMPT_PREFILL.get(row.get("prompt_style", ""), "") + row["response"]
-        result = verify(text, row["gold"], row.get("options"), **(verify_kwargs or {}))
+        result = verify(text, row["gold"], row.get("options"), rules)
         out.append({"step": int(row["step"]), "stage": classify(result, text, row.get("options")),
                     "v": result, "reward": row.get("reward", result["reward"]),
                     "chars": len(row["response"]), "tokens": row.get("response_tokens"),
@@ -374,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = read_jsonl(args.run_dir / "rollouts.jsonl")
     if not rows:
         sys.exit(f"{args.run_dir / 'rollouts.jsonl'} holds no rollouts")
-    classified = classify_rows(rows, verify_options(args.run_dir))
+    classified = classify_rows(rows, run_rules(args.run_dir))
     report = step_report(classified)
     shown = examples(classified)
     table = markdown_table(report)

@@ -164,6 +164,10 @@ def score_responses(cfg, tokenizer, prompts: StepPrompts, exp: Experience, step:
     P = exp.sequences.shape[1] - exp.mask.shape[1]
     prefill = data.PROMPT_PREFILL.get(cfg.prompt_style, "") + cfg.prefill
     lengths = exp.mask.sum(1).long().tolist()
+    rules = verifier.Rules(strict_format=cfg.strict_format,
+                           penalize_template_copy=cfg.penalize_template_copy,
+                           format_reward=cfg.format_reward, wrong_reward=cfg.wrong_reward,
+                           correct_reward=cfg.correct_reward)
     samples, scores = [], []
     for i in range(len(lengths)):
         record = prompts.records[i // n]
@@ -171,11 +175,7 @@ def score_responses(cfg, tokenizer, prompts: StepPrompts, exp: Experience, step:
         # the token that completed "</answer>" may carry more text ("></" is one SmolLM2 token)
         text = rollout.cut_after_stop(tokenizer.decode(tokens, skip_special_tokens=True),
                                       stop_strings(cfg))
-        verdict = verifier.verify(prefill + text, record["answer"], record["options"],
-                                  strict=cfg.strict_format, format_reward=cfg.format_reward,
-                                  wrong_reward=cfg.wrong_reward, correct_reward=cfg.correct_reward)
-        if cfg.penalize_template_copy and verdict["template_copy"]:  # a small model's first hack
-            verdict.update(reward=cfg.format_reward, format_ok=False, correct=False)
+        verdict = verifier.verify(prefill + text, record["answer"], record["options"], rules)
         scores.append(verdict["reward"])
         samples.append({"step": step, "row": prompts.positions[i // n] * n + i % n,
                         "id": record["id"], "prompt": prompts.texts[i // n],

@@ -7,11 +7,12 @@ log-probs are of the sampled tokens; a row's reward for the answer arrives on it
 
 In the order a step uses them: overlong_penalty and varied_groups (DAPO's shaping and dynamic
 sampling, step 3), kl_penalty and token_rewards (step 5), gae and whiten, or without a critic
-critic_free_advantages or reinforce_pp_advantages (step 6), policy_loss (with clip-higher, GSPO's
-sequence_log_ratio, truncated_is_weights) and value_loss through aggregate (step 7); adaptive_kl
-and lr_schedule between steps.
+critic_free_advantages or reinforce_pp_advantages (step 6), a LossReduction per micro-batch, then
+policy_loss (with clip-higher, GSPO's sequence_log_ratio, truncated_is_weights) and value_loss
+(step 7); mean_token_kl, adaptive_kl and lr_schedule between steps.
 """
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -64,17 +65,23 @@ def gae(rewards, values, mask, gamma, lam):
 
 
 def whiten(advantages, mask, all_reduce=None, eps=1e-8):
-    """A <- (A - mean) / std over the masked entries (advantage normalisation, as OpenRLHF does).
+    """A <- (A - mean) / (std + eps) over the masked entries (advantage normalisation, as OpenRLHF
+    does), with the biased variance. Returns [B, T], 0 on padding.
 
     With `all_reduce` (a function that sums a dict of floats over ranks) the statistics are those of
-    every rank's tokens, so the result does not depend on how the batch is split. Returns [B, T]."""
-    sums = {"n": mask.sum().item(), "sum": (advantages * mask).sum().item(),
-            "sq": (advantages ** 2 * mask).sum().item()}
-    if all_reduce is not None:
-        sums = all_reduce(sums)
-    mean = sums["sum"] / sums["n"]
-    std = math.sqrt(max(sums["sq"] / sums["n"] - mean ** 2, 0.0))
-    return (advantages - mean) / (std + eps) * mask
+    every rank's tokens, so the result does not depend on how the batch is split. The variance is
+    the mean of the centred squares, a second pass after the mean, in float64: the one-pass
+    E[A^2] - E[A]^2 cancels catastrophically when |mean| >> std (REINFORCE++ when nearly every
+    response scored alike), its rounding error growing with (|mean| / std)^2."""
+    def over_ranks(sums):
+        return sums if all_reduce is None else all_reduce(sums)
+
+    values, weights = advantages.double(), mask.double()  # [B, T]
+    first = over_ranks({"n": weights.sum().item(), "sum": (values * weights).sum().item()})
+    mean = first["sum"] / first["n"]
+    second = over_ranks({"centred_sq": ((values - mean) ** 2 * weights).sum().item()})
+    std = math.sqrt(second["centred_sq"] / first["n"])
+    return ((values - mean) / (std + eps) * weights).to(advantages.dtype)
 
 
 def group_advantages(scores, n, kind):
@@ -133,31 +140,75 @@ def overlong_penalty(lengths, max_len, buffer, factor=1.0):
     return -factor * (excess / buffer).clamp(max=1.0)
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps, agg="token-mean", denom=None,
-                clip_eps_high=None, ratio_level="token", token_weights=None, token_norm=None):
-    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), to be minimised:
-        ratio = pi(a|s) / pi_old(a|s);  L = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A)
-    eps_high = clip_eps_high, else clip_eps: DAPO's clip-higher (Yu et al. 2025) lets a token's
-    probability rise further than it may fall. ratio_level="sequence": GSPO (Zheng et al. 2025),
-    every token of a sequence takes the sequence's length-normalised ratio (sequence_log_ratio).
-    token_weights [B, T]: multiply each token's loss (truncated importance sampling). agg, denom,
-    token_norm: as in aggregate. stats: clipfrac (share of tokens whose ratio left the clip range),
-    approx_kl (k3 to pi_old)."""
-    log_ratio = logprobs - old_logprobs  # [B, T]
-    if ratio_level == "sequence":
-        log_ratio = sequence_log_ratio(logprobs, old_logprobs, mask)
-    elif ratio_level != "token":
+@dataclass(frozen=True, eq=False)
+class LossReduction:
+    """How a micro-batch's per-token loss [b, T] becomes its share of the minibatch's mean loss:
+    reduce = LossReduction(agg, mask, denom, token_budget); reduce(per_token) -> scalar.
+        token-mean               the mean over every token of the batch
+        seq-mean                 each sequence's token mean, then the mean over sequences
+        seq-mean-token-sum-norm  each sequence's token sum / token_budget, a constant (the
+                                 generation budget), then the mean over sequences (Dr. GRPO, Liu
+                                 et al. 2025)
+    `denom` replaces the count of the last division (tokens for token-mean, sequences otherwise):
+    given the whole minibatch's count, over every rank, the micro-batches' and ranks' results add
+    up to the mean over the whole minibatch, whatever the split and the padded width of each part.
+    Without it the count is this batch's own. `mask` [b, T] also tells the losses which tokens
+    count in their statistics."""
+    agg: str
+    mask: torch.Tensor  # [b, T]
+    denom: float | None = None
+    token_budget: int | None = None
+
+    def __post_init__(self):
+        if self.agg not in ("token-mean", "seq-mean", "seq-mean-token-sum-norm"):
+            raise ValueError(f"loss reduction {self.agg!r}: choose token-mean, seq-mean or "
+                             "seq-mean-token-sum-norm")
+        if self.agg == "seq-mean-token-sum-norm" and not self.token_budget:
+            raise ValueError("seq-mean-token-sum-norm divides each sequence's sum by a constant: "
+                             "give token_budget, the generation budget (--max_new_tokens)")
+
+    def __call__(self, per_token):
+        mask = self.mask
+        if self.agg == "token-mean":
+            count = self.denom if self.denom is not None else mask.sum().clamp(min=1)
+            return (per_token * mask).sum() / count
+        if self.agg == "seq-mean":
+            per_sequence = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)  # [b]
+        else:
+            per_sequence = (per_token * mask).sum(1) / self.token_budget  # [b]
+        count = self.denom if self.denom is not None else mask.shape[0]
+        return per_sequence.sum() / count
+
+
+def policy_loss(logprobs, old_logprobs, advantages, reduce, clip, ratio_level="token",
+                token_weights=None):
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), to be minimised, per token:
+        ratio = pi(a|s) / pi_old(a|s)
+        L = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
+    reduced to a scalar by `reduce` (a LossReduction, whose mask says which tokens count).
+    clip = (eps_low, eps_high): PPO's symmetric clip when equal; eps_high > eps_low is DAPO's
+    clip-higher (Yu et al. 2025), letting a token's probability rise further than it may fall.
+    ratio_level="sequence": GSPO (Zheng et al. 2025), every token takes its sequence's
+    length-normalised ratio (sequence_log_ratio). token_weights [B, T]: multiply each token's loss
+    (truncated importance sampling, truncated_is_weights). stats: clipfrac (share of tokens whose
+    ratio left the clip range), approx_kl (k3 to pi_old)."""
+    mask = reduce.mask  # [B, T]
+    if ratio_level == "token":
+        log_ratio = logprobs - old_logprobs  # [B, T]
+    elif ratio_level == "sequence":
+        log_ratio = sequence_log_ratio(logprobs, old_logprobs, mask)  # [B, T]
+    else:
         raise ValueError(f"ratio_level {ratio_level!r}: token or sequence")
+    eps_low, eps_high = clip
     ratio = torch.exp(log_ratio)  # [B, T]
-    high = clip_eps if clip_eps_high is None else clip_eps_high
-    surr1 = ratio * advantages  # [B, T]
-    surr2 = torch.clamp(ratio, 1 - clip_eps, 1 + high) * advantages  # [B, T]
-    per_token = -torch.min(surr1, surr2)  # [B, T]
+    unclipped = ratio * advantages  # [B, T]
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * advantages  # [B, T]
+    per_token = -torch.min(unclipped, clipped)  # [B, T] the pessimistic bound of eq. 7
     if token_weights is not None:
         per_token = per_token * token_weights
-    loss = aggregate(per_token, mask, agg, denom, token_norm)
+    loss = reduce(per_token)
     with torch.no_grad():
-        outside = (ratio < 1 - clip_eps) | (ratio > 1 + high)  # [B, T]
+        outside = (ratio < 1 - eps_low) | (ratio > 1 + eps_high)  # [B, T]
         stats = {"clipfrac": masked_mean(outside.float(), mask).item(),
                  "approx_kl": masked_mean((ratio - 1) - log_ratio, mask).item()}
     return loss, stats
@@ -181,48 +232,41 @@ def truncated_is_weights(train_logprobs, sampler_logprobs, cap):
     return torch.exp(train_logprobs - sampler_logprobs).clamp(max=cap).detach()
 
 
-def value_loss(values, old_values, returns, mask, clip_eps, agg="token-mean", denom=None,
-               token_norm=None):
-    """Clipped value loss (as in OpenAI baselines and OpenRLHF):
-        V_clip = V_old + clip(V - V_old, -eps, eps);  L = 1/2 max((V - R)^2, (V_clip - R)^2)"""
+def value_loss(values, old_values, returns, reduce, clip_eps):
+    """Clipped value loss (as in OpenAI baselines and OpenRLHF), reduced by `reduce` (a
+    LossReduction):
+        V_clip = V_old + clip(V - V_old, -eps, eps);  L = 1/2 max((V - R)^2, (V_clip - R)^2)
+    stats: vf_clipfrac (share of tokens whose value moved more than eps)."""
     v_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)  # [B, T]
-    loss_tok = 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2)  # [B, T]
-    loss = aggregate(loss_tok, mask, agg, denom, token_norm)
+    per_token = 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2)  # [B, T]
+    loss = reduce(per_token)
     with torch.no_grad():
-        clipped = ((values - old_values).abs() > clip_eps).float()  # [B, T]
-        stats = {"vf_clipfrac": masked_mean(clipped, mask).item()}
+        moved = ((values - old_values).abs() > clip_eps).float()  # [B, T]
+        stats = {"vf_clipfrac": masked_mean(moved, reduce.mask).item()}
     return loss, stats
-
-
-def aggregate(loss, mask, agg="token-mean", denom=None, token_norm=None):
-    """Reduce a per-token loss [B, T] to a scalar:
-        token-mean               the mean over every token of the batch
-        seq-mean                 each sequence's token mean, then the mean over sequences
-        seq-mean-token-sum-norm  each sequence's token sum / token_norm, a constant (the generation
-                                 budget), then the mean over sequences (Dr. GRPO, Liu et al. 2025)
-    `denom` replaces the count of the last division (tokens for token-mean, sequences otherwise),
-    so that micro-batches and ranks add up to the mean over the whole minibatch; the result never
-    depends on how the rows are split, nor on the padded width of a split."""
-    if agg == "token-mean":
-        return (loss * mask).sum() / (denom if denom is not None else mask.sum().clamp(min=1))
-    if agg == "seq-mean":
-        per_seq = (loss * mask).sum(1) / mask.sum(1).clamp(min=1)  # [B]
-    elif agg == "seq-mean-token-sum-norm":
-        if not token_norm:
-            raise ValueError("seq-mean-token-sum-norm divides by a constant: give token_norm")
-        per_seq = (loss * mask).sum(1) / token_norm  # [B]
-    else:
-        raise ValueError(agg)
-    return per_seq.sum() / (denom if denom is not None else mask.shape[0])
 
 
 def masked_mean(x, mask, dim=None):
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
+def mean_token_kl(kl, mask):
+    """Each response's KL to the reference per token: the mean of its tokens' estimates, [B].
+    Averaged over the responses, the KL that adaptive_kl expects."""
+    return masked_mean(kl, mask, dim=1)
+
+
 def adaptive_kl(kl_coef, observed_kl, target, horizon, n_steps):
     """The adaptive KL controller of Ziegler et al. 2019 (section 2.2):
-        beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)"""
+        beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)
+    n: the samples of the step. The target means something only in observed_kl's unit, a KL per
+    token as veRL and OpenRLHF measure it: each response's mean over its tokens (mean_token_kl),
+    averaged over the responses. veRL feeds its controller exactly that
+    (verl/trainer/ppo/ray_trainer.py, apply_kl_penalty); OpenRLHF v0.5.7-0.6.x stores the same
+    per-response mean (openrlhf/trainer/ppo_utils/experience_maker.py, info["kl"]) and averages
+    it weighted by response length over each micro-batch before the update
+    (openrlhf/trainer/ppo_trainer.py, from v0.6.3 trainer/ray/ppo_actor.py). A response's summed
+    KL is larger by its length, and would need a target as much larger."""
     error = max(-0.2, min(0.2, observed_kl / target - 1))
     return kl_coef * (1 + error * n_steps / horizon)
 

@@ -271,10 +271,9 @@ def ppo_step(cfg: Config, run, models, questions, step: int, kl_coef: float, tim
                                                           cfg.temperature, return_entropy=True,
                                                           entropy_grad=cfg.entropy_coef != 0)
                 actor_loss, clip_stats = ppo.policy_loss(
-                    logprobs, micro.old_logprobs, micro.advantages, micro.mask, cfg.clip_eps,
-                    cfg.loss_agg, micro.denom, clip_eps_high=cfg.clip_eps_high or None,
-                    ratio_level=cfg.ratio_level, token_weights=micro.tis_weights,
-                    token_norm=cfg.max_new_tokens)
+                    logprobs, micro.old_logprobs, micro.advantages, micro.reduction(),
+                    (cfg.clip_eps, cfg.clip_eps_high or cfg.clip_eps), cfg.ratio_level,
+                    micro.tis_weights)
                 mean_entropy = micro.mean(entropy)
                 loss = actor_loss - cfg.entropy_coef * mean_entropy
                 if not cfg.kl_in_reward:  # GRPO: beta * k3 KL to the reference as a loss term
@@ -286,8 +285,8 @@ def ppo_step(cfg: Config, run, models, questions, step: int, kl_coef: float, tim
                     with autocast(cfg, run.device):
                         values = response_values(models.critic, micro.batch)  # [b, T]
                     critic_loss, value_stats = ppo.value_loss(
-                        values, micro.values, micro.returns, micro.mask, cfg.value_clip_eps,
-                        cfg.loss_agg, micro.denom, token_norm=cfg.max_new_tokens)
+                        values, micro.values, micro.returns, micro.reduction(),
+                        cfg.value_clip_eps)
                     (critic_loss * run.world).backward()
                     update.add_critic(micro.mask, critic_loss, value_stats)
             optimizer_step(cfg, models, update)  # never steps on a non-finite gradient
@@ -320,9 +319,13 @@ class MicroBatch:
     agg: str  # --loss_agg
     token_norm: int  # Dr. GRPO's constant: the generation budget, --max_new_tokens
 
+    def reduction(self) -> ppo.LossReduction:
+        """This micro-batch's share of the minibatch's mean, as a function of a per-token loss."""
+        return ppo.LossReduction(self.agg, self.mask, self.denom, self.token_norm)
+
     def mean(self, per_token: torch.Tensor) -> torch.Tensor:
         """This micro-batch's share of the minibatch's mean of a per-token loss [b, T]."""
-        return ppo.aggregate(per_token, self.mask, self.agg, self.denom, self.token_norm)
+        return self.reduction()(per_token)
 
 
 def minibatches(cfg: Config, step: int, exp: experience.Experience, world: int):

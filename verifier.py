@@ -5,6 +5,10 @@
                    several letters, a letter outside the options)
              +1.0  the format holds and the letter is gold       (correct_reward)
 
+The whole reward is here: verify(response, gold, options, rules) takes the values above and the
+two optional rules (strict_format, penalize_template_copy) as one Rules record, whose defaults are
+the study's.
+
 `response` is everything after the prompt; where the prompt ends in a prefilled "<think>", the
 caller prepends it (verify(PROMPT_PREFILL[style] + generated_text, ...)). Decode the response
 without special tokens (EOS, pad): anything left after </answer> breaks the format.
@@ -17,7 +21,10 @@ a tag):
   3. only whitespace between </think> and <answer>;
   4. only whitespace after </answer>;
   5. text before <think> is allowed, as the study's validator allowed it (the "step-by-step
-     exploit"); strict=True refuses it (a whitespace-only prefix is still fine).
+     exploit"); Rules(strict_format=True) refuses it (a whitespace-only prefix is still fine).
+  6. with Rules(penalize_template_copy=True) only: no template copy (the flag below). A small
+     model's first hack is to fill in the prompt's placeholders, tags and all; this rule scores it
+     as a broken format (reason "template copy"; pred and the flags still say what it wrote).
   An empty think or answer part is not a format failure (an empty answer simply names no letter).
 
 THE LETTER inside <answer> (extract_letter; the same rules serve direct-answer prompts). Markdown
@@ -52,7 +59,7 @@ THE LETTER inside <answer> (extract_letter; the same rules serve direct-answer p
   from its first and last 2,000 characters, so the regexes (all short and anchored, or run on a
   window of at most 64 characters around a letter) stay linear and cheap.
 
-FLAGS (for logging; the reward never uses them):
+FLAGS (for logging; the reward uses none of them, but for template_copy under rule 6):
   answer_in_think          the "direct answer hacker": the predicted option's letter (as a token,
                            rule 4, strong or weak) or its text (>= 3 characters, case-insensitive)
                            is already stated inside <think>. Only when the format holds and a
@@ -67,6 +74,7 @@ FLAGS (for logging; the reward never uses them):
   problem.
 """
 import re
+from dataclasses import dataclass
 
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 # Up to 10 options (MMLU-Pro) when the caller gives no options.
@@ -210,13 +218,23 @@ def _states_answer(think: str, pred: str, options) -> bool:
     return False
 
 
-def verify(response, gold, options=None, strict=False,
-           format_reward=-1.0, wrong_reward=0.0, correct_reward=1.0) -> dict:
+@dataclass(frozen=True)
+class Rules:
+    """What verify() rewards; the defaults are the study's. The names are train_ppo.py's flags."""
+    strict_format: bool = False  # format rule 5: refuse text before <think>
+    penalize_template_copy: bool = False  # format rule 6: a template copy breaks the format
+    format_reward: float = -1.0
+    wrong_reward: float = 0.0
+    correct_reward: float = 1.0
+
+
+def verify(response, gold, options=None, rules=Rules()) -> dict:
     """The reward and its parts for one response (see the module docstring). Never raises on a
-    string; a non-string response gets format_reward."""
-    out = {"reward": float(format_reward), "format_ok": False, "pred": None, "correct": False,
-           "answer_in_think": False, "reasoning_outside_think": False, "template_copy": False,
-           "think_chars": 0, "answer_chars": 0, "prefix_chars": 0, "reason": ""}
+    string; a non-string response gets rules.format_reward."""
+    out = {"reward": float(rules.format_reward), "format_ok": False, "pred": None,
+           "correct": False, "answer_in_think": False, "reasoning_outside_think": False,
+           "template_copy": False, "think_chars": 0, "answer_chars": 0, "prefix_chars": 0,
+           "reason": ""}
     if not isinstance(response, str):
         out["reason"] = "response is not a string"
         return out
@@ -225,7 +243,7 @@ def verify(response, gold, options=None, strict=False,
     if think_start > 0:  # the step-by-step exploit: reasoning written before <think>
         reasoning_chars = len("".join(response[:think_start].split()))
         out["reasoning_outside_think"] = reasoning_chars >= MIN_PREFIX_REASONING
-    reason, parts = _format(response, strict)
+    reason, parts = _format(response, rules.strict_format)
     out["reason"] = reason
     if parts is not None:
         prefix, think, answer = parts
@@ -235,13 +253,14 @@ def verify(response, gold, options=None, strict=False,
     gold = gold.strip().upper() if isinstance(gold, str) else None
     pred = extract_letter(answer, options)
     out.update(format_ok=True, pred=pred, correct=pred is not None and pred == gold)
-    out["reward"] = float(correct_reward if out["correct"] else wrong_reward)
+    out["reward"] = float(rules.correct_reward if out["correct"] else rules.wrong_reward)
     out["answer_in_think"] = pred is not None and _states_answer(think, pred, options)
+    if rules.penalize_template_copy and out["template_copy"]:  # format rule 6
+        out.update(reward=float(rules.format_reward), format_ok=False, correct=False,
+                   reason="template copy (the prompt's placeholders filled in)")
     return out
 
 
-def compute_score(response, gold, options=None, strict=False,
-                  format_reward=-1.0, wrong_reward=0.0, correct_reward=1.0) -> float:
+def compute_score(response, gold, options=None, rules=Rules()) -> float:
     """The Med-RLVR reward alone: format_reward (-1), wrong_reward (0) or correct_reward (+1)."""
-    result = verify(response, gold, options, strict, format_reward, wrong_reward, correct_reward)
-    return result["reward"]
+    return verify(response, gold, options, rules)["reward"]

@@ -16,7 +16,7 @@ from dynamics import (
     VERBOSE_FORMATTER,
     classify,
 )
-from verifier import verify
+from verifier import Rules, verify
 
 # The study's Table 3 cases, reconstructed: an allergic-conjunctivitis question (gold B, Ketotifen)
 # and a gallbladder question (gold E, cystic duct).
@@ -168,11 +168,39 @@ def test_run_config_sets_the_verifier_rules(tmp_path):
     shares = dynamics.step_report(dynamics.classify_rows([row]))[0]["shares"]
     assert shares[STEP_BY_STEP_EXPLOIT] == 1.0
     (tmp_path / "config.json").write_text(json.dumps({"strict_format": True,
-                                                      "format_reward": -0.5}))
-    kwargs = dynamics.verify_options(tmp_path)
-    assert kwargs == {"strict": True, "format_reward": -0.5}
-    shares = dynamics.step_report(dynamics.classify_rows([row], kwargs))[0]["shares"]
+                                                      "format_reward": -0.5, "lr": 1e-6}))
+    rules = dynamics.run_rules(tmp_path)
+    assert rules == Rules(strict_format=True, format_reward=-0.5)
+    shares = dynamics.step_report(dynamics.classify_rows([row], rules))[0]["shares"]
     assert shares[FORMAT_FAILURE] == 1.0
+
+
+def test_run_config_sets_the_template_copy_rule_and_old_configs_keep_the_default(tmp_path):
+    """A run trained with --penalize_template_copy scored a template copy as a broken format: so
+    does the report. A config.json from before the flag existed (or none) keeps the study's rule."""
+    response = "<think>reasoning process here</think><answer>B</answer>"
+    row = {"step": 0, "id": "q", "prompt": "", "response": response, "gold": "B", "options": EYE,
+           "reward": -1.0, "response_tokens": 9, "prompt_style": "r1"}
+    assert dynamics.run_rules(tmp_path) == Rules()  # no config.json
+    config = {"strict_format": False, "format_reward": -1.0, "wrong_reward": 0.0,
+              "correct_reward": 1.0}  # an old run's flags
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert dynamics.run_rules(tmp_path) == Rules()
+    (judged,) = dynamics.classify_rows([row], dynamics.run_rules(tmp_path))
+    assert judged["v"]["reward"] == 1.0 and judged["stage"] == DIRECT_ANSWER_HACKER
+    (tmp_path / "config.json").write_text(json.dumps({**config, "penalize_template_copy": True}))
+    assert dynamics.run_rules(tmp_path) == Rules(penalize_template_copy=True)
+    (judged,) = dynamics.classify_rows([row], dynamics.run_rules(tmp_path))
+    assert judged["v"]["reward"] == -1.0 and judged["stage"] == FORMAT_FAILURE
+
+
+@pytest.mark.parametrize("key,value", [("penalize_template_copy", "yes"),
+                                       ("strict_format", 1), ("format_reward", True),
+                                       ("correct_reward", "1.0")])
+def test_a_config_rule_of_the_wrong_type_names_the_file_and_the_flag(tmp_path, key, value):
+    (tmp_path / "config.json").write_text(json.dumps({key: value}))
+    with pytest.raises(ValueError, match=rf"config.json: {key} is {value!r}, expected"):
+        dynamics.run_rules(tmp_path)
 
 
 def test_held_out_accuracy_from_eval_jsonl_joins_the_report(tmp_path):

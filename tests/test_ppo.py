@@ -1,6 +1,8 @@
 """The PPO math (ppo.py) against separate, straightforward computations: explicit per-row Python
 loops over float64 numpy, on random tensors with masks whose rows end at different lengths."""
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -20,6 +22,25 @@ def random_batch(B=5, T=9, seed=0):
         return torch.randn(B, T, generator=g, dtype=torch.float64)
 
     return mask.double(), lengths, r
+
+
+def two_ranks(work):
+    """work(rank, all_reduce) run as two "ranks" (threads) whose all_reduce sums a dict over both,
+    as distributed.all_reduce_dict does over processes; the two results, in rank order."""
+    posted = [None, None]
+    barrier = threading.Barrier(2, timeout=30)
+
+    def all_reduce_of(rank):
+        def all_reduce(local):
+            posted[rank] = dict(local)
+            barrier.wait()
+            total = {key: posted[0][key] + posted[1][key] for key in local}
+            barrier.wait()  # both have read before either posts again
+            return total
+        return all_reduce
+
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda rank: work(rank, all_reduce_of(rank)), range(2)))
 
 
 def test_gae_matches_the_discounted_sum_of_td_errors():
@@ -93,14 +114,39 @@ def test_whiten_is_mean_zero_std_one_over_the_masked_tokens_of_every_rank():
     assert (white[mask == 0] == 0).all()
     # two "ranks" holding rows 0-1 and 2-4, statistics summed over both: the same numbers
     halves = [slice(0, 2), slice(2, 5)]
-    sums = [{"n": mask[h].sum().item(), "sum": (advantages[h] * mask[h]).sum().item(),
-             "sq": (advantages[h] ** 2 * mask[h]).sum().item()} for h in halves]
+    split = two_ranks(lambda rank, all_reduce: ppo.whiten(advantages[halves[rank]],
+                                                          mask[halves[rank]], all_reduce))
+    assert torch.allclose(torch.cat(split), white, atol=1e-12, rtol=0)
 
-    def all_reduce(_local):
-        return {k: sums[0][k] + sums[1][k] for k in sums[0]}
 
-    for h in halves:
-        assert torch.allclose(ppo.whiten(advantages[h], mask[h], all_reduce), white[h], atol=1e-12)
+def test_whiten_is_exact_in_fp32_when_the_mean_dwarfs_the_spread():
+    """|mean| / std = 100 (REINFORCE++ when nearly every response scored alike): the one-pass
+    variance E[A^2] - E[A]^2 of fp32 sums cancels away most of its digits; the centred two-pass
+    float64 variance equals an fp64 computation from the same fp32 inputs, on one rank or two."""
+    g = torch.Generator().manual_seed(11)
+    lengths = [40, 3, 17, 29, 1, 22]
+    mask = torch.zeros(len(lengths), 40)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    advantages = 1000 + 10 * torch.randn(mask.shape, generator=g)  # fp32
+    real = np.concatenate([advantages[i, :n].double().numpy() for i, n in enumerate(lengths)])
+    mean, std = real.mean(), real.std()  # fp64, biased
+    assert abs(mean) / std == pytest.approx(100, rel=0.05)
+    white = ppo.whiten(advantages, mask)
+    assert white.dtype == torch.float32
+    expect = torch.zeros(mask.shape, dtype=torch.float64)
+    for i, n in enumerate(lengths):
+        expect[i, :n] = (advantages[i, :n].double() - mean) / (std + 1e-8)
+    # the output is in units of std: an absolute error is one relative to std
+    assert (white.double() - expect).abs().max().item() < 1e-5
+    halves = [slice(0, 2), slice(2, 6)]
+    split = two_ranks(lambda rank, all_reduce: ppo.whiten(advantages[halves[rank]],
+                                                          mask[halves[rank]], all_reduce))
+    assert (torch.cat(split).double() - expect).abs().max().item() < 1e-5
+    # what the test guards against: the one-pass variance from fp32 sums is off here
+    n = mask.sum()
+    one_pass_var = (advantages ** 2 * mask).sum() / n - ((advantages * mask).sum() / n) ** 2
+    assert abs(one_pass_var.clamp(min=0).sqrt().item() - std) / std > 1e-5
 
 
 @pytest.mark.parametrize("kind", ["grpo", "drgrpo", "rloo"])
@@ -123,7 +169,7 @@ def test_policy_loss_is_the_clipped_surrogate_token_mean():
     old, adv = -r().abs(), r()
     new = old + 0.3 * r()
     eps = 0.2
-    loss, stats = ppo.policy_loss(new, old, adv, mask, eps)
+    loss, stats = ppo.policy_loss(new, old, adv, ppo.LossReduction("token-mean", mask), (eps, eps))
     terms, clipped, kls = [], [], []
     for i, n in enumerate(lengths):
         for t in range(n):
@@ -141,7 +187,8 @@ def test_policy_loss_gradient_is_zero_where_clipped_in_the_advantage_direction()
     old = torch.zeros(1, 2, dtype=torch.float64)
     new = torch.tensor([[0.5, 0.5]], dtype=torch.float64, requires_grad=True)  # ratio e^0.5 > 1.2
     adv = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
-    loss, _ = ppo.policy_loss(new, old, adv, torch.ones(1, 2, dtype=torch.float64), 0.2)
+    reduce = ppo.LossReduction("token-mean", torch.ones(1, 2, dtype=torch.float64))
+    loss, _ = ppo.policy_loss(new, old, adv, reduce, (0.2, 0.2))
     loss.backward()
     assert new.grad[0, 0] == 0  # positive advantage, ratio above 1 + eps: no further push
     # negative advantage, ratio too high: the unclipped term still pulls it down
@@ -153,7 +200,7 @@ def test_value_loss_is_the_clipped_squared_error():
     old_v, ret = r(), r()
     v = old_v + 0.5 * r()
     eps = 0.2
-    loss, stats = ppo.value_loss(v, old_v, ret, mask, eps)
+    loss, stats = ppo.value_loss(v, old_v, ret, ppo.LossReduction("token-mean", mask), eps)
     terms = []
     for i, n in enumerate(lengths):
         for t in range(n):
@@ -173,13 +220,16 @@ def test_loss_aggregations():
               "seq-mean": np.mean([p.mean() for p in per_row]),
               "seq-mean-token-sum-norm": np.mean([p.sum() / budget for p in per_row])}
     for agg, value in expect.items():
-        assert ppo.aggregate(x, mask, agg, token_norm=budget).item() == pytest.approx(value), agg
-    with pytest.raises(ValueError, match="token_norm"):
-        ppo.aggregate(x, mask, "seq-mean-token-sum-norm")
+        reduce = ppo.LossReduction(agg, mask, token_budget=budget)
+        assert reduce(x).item() == pytest.approx(value), agg
+    with pytest.raises(ValueError, match="token_budget"):
+        ppo.LossReduction("seq-mean-token-sum-norm", mask)
+    with pytest.raises(ValueError, match="'sum'.*token-mean, seq-mean or seq-mean-token-sum-norm"):
+        ppo.LossReduction("sum", mask)
     # an explicit denominator lets micro-batches add up to the whole batch's mean
-    halves = [ppo.aggregate(x[s], mask[s], "token-mean", denom=mask.sum())
+    halves = [ppo.LossReduction("token-mean", mask[s], denom=mask.sum())(x[s])
               for s in (slice(0, 2), slice(2, 5))]
-    assert sum(halves).item() == pytest.approx(ppo.aggregate(x, mask).item())
+    assert sum(halves).item() == pytest.approx(ppo.LossReduction("token-mean", mask)(x).item())
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean", "seq-mean-token-sum-norm"])
@@ -189,14 +239,65 @@ def test_every_aggregation_is_the_same_for_any_split_and_any_padded_width(agg):
     mask, lengths, r = random_batch(seed=8)
     x = r()
     denom = mask.sum() if agg == "token-mean" else len(lengths)
-    whole = ppo.aggregate(x, mask, agg, denom, token_norm=16)
+    whole = ppo.LossReduction(agg, mask, denom, token_budget=16)(x)
     for rows in ([[0, 1], [2, 3, 4]], [[0], [1], [2], [3], [4]], [[1, 3], [0, 2, 4]]):
         parts = []
         for part in rows:
             width = max(lengths[i] for i in part)  # trimmed to the part's longest response
-            parts.append(ppo.aggregate(x[part, :width], mask[part, :width], agg, denom,
-                                       token_norm=16))
+            reduce = ppo.LossReduction(agg, mask[part, :width], denom, token_budget=16)
+            parts.append(reduce(x[part, :width]))
         assert sum(parts).item() == pytest.approx(whole.item(), abs=1e-12), rows
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean", "seq-mean-token-sum-norm"])
+def test_both_losses_over_micro_batches_add_up_to_the_minibatch_loss(agg):
+    """As the trainer builds them: one LossReduction per micro-batch (trimmed to its longest row)
+    with the whole minibatch's count, passed to both losses. The parts' losses and gradients sum
+    to those of the whole minibatch, which is the agg formula on the per-token terms."""
+    mask, lengths, r = random_batch(seed=12)
+    old, adv, old_v, ret = -r().abs(), r(), r(), r()
+    new, values = old + 0.3 * r(), old_v + 0.5 * r()
+    budget, (eps_low, eps_high), value_eps = 16, (0.2, 0.28), 0.2
+    denom = mask.sum() if agg == "token-mean" else len(lengths)
+
+    def losses(rows, count):
+        width = max(lengths[i] for i in rows)
+        part = (rows, slice(0, width))
+        reduce = ppo.LossReduction(agg, mask[part], count, budget)
+        logprobs, v = new[part].clone().requires_grad_(), values[part].clone().requires_grad_()
+        actor, _ = ppo.policy_loss(logprobs, old[part], adv[part], reduce, (eps_low, eps_high))
+        critic, _ = ppo.value_loss(v, old_v[part], ret[part], reduce, value_eps)
+        (actor + critic).backward()
+        grads = torch.zeros(2, *mask.shape, dtype=torch.float64)
+        grads[0][part], grads[1][part] = logprobs.grad, v.grad
+        return actor.item(), critic.item(), grads
+
+    actor_terms, critic_terms = [], []  # per row, per token, as plain floats
+    for i, n in enumerate(lengths):
+        ratios = [math.exp(new[i, t] - old[i, t]) for t in range(n)]
+        actor_terms.append([-min(q * adv[i, t].item(),
+                                 min(max(q, 1 - eps_low), 1 + eps_high) * adv[i, t].item())
+                            for t, q in enumerate(ratios)])
+        v_clip = [old_v[i, t].item() + min(max(values[i, t].item() - old_v[i, t].item(),
+                                               -value_eps), value_eps) for t in range(n)]
+        critic_terms.append([0.5 * max((values[i, t].item() - ret[i, t].item()) ** 2,
+                                       (v_clip[t] - ret[i, t].item()) ** 2) for t in range(n)])
+
+    def formula(terms):
+        if agg == "token-mean":
+            return np.concatenate(terms).mean()
+        if agg == "seq-mean":
+            return np.mean([np.mean(row) for row in terms])
+        return np.mean([np.sum(row) / budget for row in terms])
+
+    whole_actor, whole_critic, whole_grads = losses(list(range(len(lengths))), None)
+    assert whole_actor == pytest.approx(formula(actor_terms), abs=1e-12)
+    assert whole_critic == pytest.approx(formula(critic_terms), abs=1e-12)
+    for split in ([[0, 1], [2, 3, 4]], [[4], [1, 3], [0, 2]]):
+        parts = [losses(rows, denom) for rows in split]
+        assert sum(p[0] for p in parts) == pytest.approx(whole_actor, abs=1e-12), split
+        assert sum(p[1] for p in parts) == pytest.approx(whole_critic, abs=1e-12), split
+        assert torch.allclose(sum(p[2] for p in parts), whole_grads, atol=1e-12, rtol=0), split
 
 
 def test_clip_higher_lets_a_ratio_rise_further_than_it_may_fall():
@@ -206,7 +307,8 @@ def test_clip_higher_lets_a_ratio_rise_further_than_it_may_fall():
     old = torch.zeros(1, 3, dtype=torch.float64)
     new = torch.log(torch.tensor([[1.1, 1.25, 0.75]], dtype=torch.float64)).requires_grad_()
     adv = torch.tensor([[1.0, 1.0, -1.0]], dtype=torch.float64)
-    loss, stats = ppo.policy_loss(new, old, adv, mask, 0.2, clip_eps_high=0.28)
+    reduce = ppo.LossReduction("token-mean", mask)
+    loss, stats = ppo.policy_loss(new, old, adv, reduce, (0.2, 0.28))
     loss.backward()
     # token 1 (ratio 1.25, A > 0) is inside [0.8, 1.28]: it still pulls; with the symmetric clip
     # not. Token 2 (ratio 0.75, A < 0) is clipped below: no gradient either way.
@@ -215,7 +317,7 @@ def test_clip_higher_lets_a_ratio_rise_further_than_it_may_fall():
     assert loss.item() == pytest.approx(expect)
     assert stats["clipfrac"] == pytest.approx(1 / 3)
     symmetric = new.detach().clone().requires_grad_()
-    ppo.policy_loss(symmetric, old, adv, mask, 0.2)[0].backward()
+    ppo.policy_loss(symmetric, old, adv, reduce, (0.2, 0.2))[0].backward()
     assert symmetric.grad[0, 1] == 0
 
 
@@ -235,7 +337,8 @@ def test_gspo_sequence_ratio_is_the_length_normalised_sequence_ratio_on_every_to
     assert torch.allclose(logprobs.grad, seq_ratio * weights)
     # the clip acts per sequence: every token of a row is in or out together
     adv = torch.ones_like(mask)
-    _, stats = ppo.policy_loss(logprobs, old, adv, mask, 1e-4, ratio_level="sequence")
+    reduce = ppo.LossReduction("token-mean", mask)
+    _, stats = ppo.policy_loss(logprobs, old, adv, reduce, (1e-4, 1e-4), ratio_level="sequence")
     outside = [((seq_ratio[i, 0] - 1).abs() > 1e-4).item() for i in range(len(lengths))]
     expect = sum(n * o for n, o in zip(lengths, outside)) / sum(lengths)
     assert stats["clipfrac"] == pytest.approx(expect)
@@ -246,7 +349,8 @@ def test_truncated_importance_weights_cap_the_sampler_ratio():
     sampler = torch.log(torch.tensor([[0.25, 0.4, 0.3]]))
     weights = ppo.truncated_is_weights(train, sampler, cap=2.5)
     assert torch.allclose(weights, torch.tensor([[2.0, 0.5, 2.5]]))
-    loss, _ = ppo.policy_loss(train, train, torch.ones(1, 3), torch.ones(1, 3), 0.2,
+    reduce = ppo.LossReduction("token-mean", torch.ones(1, 3))
+    loss, _ = ppo.policy_loss(train, train, torch.ones(1, 3), reduce, (0.2, 0.2),
                               token_weights=weights)
     assert loss.item() == pytest.approx(-(2.0 + 0.5 + 2.5) / 3)
 
@@ -290,6 +394,14 @@ def test_group_advantages(kind):
                       "rloo": s[j] - (sum(s) - s[j]) / (n - 1)}[kind]
             assert got[g * n + j].item() == pytest.approx(expect, abs=1e-5)
     assert got[4:8].abs().sum() == 0  # a group that all scored the same carries no signal
+
+
+def test_mean_token_kl_is_each_responses_mean_over_its_tokens():
+    mask, lengths, r = random_batch(seed=13)
+    kl = r().abs() * mask
+    got = ppo.mean_token_kl(kl, mask)
+    assert got.tolist() == pytest.approx([kl[i, :n].sum().item() / n
+                                          for i, n in enumerate(lengths)], abs=1e-12)
 
 
 def test_adaptive_kl_moves_towards_the_target_and_is_clipped():

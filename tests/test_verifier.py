@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from verifier import compute_score, extract_letter, verify
+from verifier import Rules, compute_score, extract_letter, verify
 
 OPTS = {"A": "Fluorometholone eye drops", "B": "Ketotifen eye drops",
         "C": "Latanoprost eye drops", "D": "Warm compresses"}
@@ -23,7 +23,7 @@ def tagged(answer, think=" thinking ", prefix=""):
     return f"{prefix}<think>{think}</think><answer>{answer}</answer>"
 
 
-# (id, response, gold, options, kwargs, the exact reward)
+# (id, response, gold, options, the Rules fields that differ from the study's, the exact reward)
 CASES = [
     # --- format: what holds
     ("ok", tagged("B"), "B", None, {}, 1.0),
@@ -36,9 +36,9 @@ CASES = [
     ("text before think allowed", tagged("B", prefix="Step 1: reasoning goes here. "), "B", None,
      {}, 1.0),
     ("text before think, strict", tagged("B", prefix="Step 1: reasoning goes here. "), "B", None,
-     {"strict": True}, -1.0),
-    ("whitespace before think, strict", tagged("B", prefix=" \n "), "B", None, {"strict": True},
-     1.0),
+     {"strict_format": True}, -1.0),
+    ("whitespace before think, strict", tagged("B", prefix=" \n "), "B", None,
+     {"strict_format": True}, 1.0),
     # --- format: what breaks it
     ("no tags at all", "B", "B", None, {}, -1.0),
     ("empty response", "", "B", None, {}, -1.0),
@@ -116,9 +116,9 @@ CASES = [
 @pytest.mark.parametrize("response,gold,options,kwargs,reward", [c[1:] for c in CASES],
                          ids=[c[0] for c in CASES])
 def test_reward_table(response, gold, options, kwargs, reward):
-    out = verify(response, gold, options, **kwargs)
+    out = verify(response, gold, options, Rules(**kwargs))
     assert out["reward"] == reward, out
-    assert compute_score(response, gold, options, **kwargs) == reward
+    assert compute_score(response, gold, options, Rules(**kwargs)) == reward
     assert out["format_ok"] == (out["reason"] == "")
     # With the ablation's -1 for wrong, -1 no longer means "format".
     if "wrong_reward" not in kwargs:
@@ -144,7 +144,7 @@ def test_reason(response, reason):
 
 
 def test_reason_strict():
-    out = verify(tagged("B", prefix="Reasoning first. "), "B", strict=True)
+    out = verify(tagged("B", prefix="Reasoning first. "), "B", rules=Rules(strict_format=True))
     assert out["reason"] == "text before <think> (strict)" and not out["format_ok"]
     assert out["pred"] is None and out["correct"] is False
 
@@ -198,7 +198,8 @@ def test_reasoning_outside_think(prefix, flag):
     out = verify(tagged("B", think="Ketotifen", prefix=prefix), "B", OPTS)
     assert out["reasoning_outside_think"] is flag and out["reward"] == 1.0  # allowed by default
     assert out["prefix_chars"] == len(prefix)
-    strict = verify(tagged("B", think="Ketotifen", prefix=prefix), "B", OPTS, strict=True)
+    strict = verify(tagged("B", think="Ketotifen", prefix=prefix), "B", OPTS,
+                    Rules(strict_format=True))
     assert strict["reasoning_outside_think"] is flag  # still flagged when strict refuses it
 
 
@@ -213,6 +214,35 @@ def test_reasoning_outside_think(prefix, flag):
 ])
 def test_template_copy(response, flag):
     assert verify(response, "B")["template_copy"] is flag
+
+
+@pytest.mark.parametrize("response,gold,reward_without_rule,format_reason", [
+    ("<think> reasoning process here </think><answer>B</answer>", "B", 1.0, ""),
+    ("<think> Reasoning process here </think><answer>C</answer>", "B", 0.0, ""),
+    ("<think>x</think><answer> answer here </answer>", "B", 0.0, ""),
+    ("<think> reasoning process here </think><answer>B</answer> more", "B", -2.0,
+     "text after </answer>"),
+    (tagged("B", think="the answer here is B"), "B", 1.0, ""),  # no template copy
+])
+def test_penalize_template_copy_scores_a_template_copy_as_a_broken_format(
+        response, gold, reward_without_rule, format_reason):
+    """Without the rule a template copy is only flagged; under it (train_ppo.py
+    --penalize_template_copy) the response gets format_reward, no more format_ok nor correct, and
+    the reason says why; the letter it read and the flags stay."""
+    study = Rules(format_reward=-2.0)
+    rule = Rules(format_reward=-2.0, penalize_template_copy=True)
+    plain, ruled = verify(response, gold, OPTS, study), verify(response, gold, OPTS, rule)
+    assert plain["reward"] == reward_without_rule and plain["reason"] == format_reason
+    assert compute_score(response, gold, OPTS, rule) == ruled["reward"]
+    if not plain["template_copy"]:
+        assert ruled == plain
+        return
+    assert ruled["reward"] == -2.0 and not ruled["format_ok"] and not ruled["correct"]
+    template_reason = "template copy (the prompt's placeholders filled in)"
+    assert ruled["reason"] == (format_reason or template_reason)
+    unchanged = ("pred", "answer_in_think", "reasoning_outside_think", "template_copy",
+                 "think_chars", "answer_chars", "prefix_chars")
+    assert {k: ruled[k] for k in unchanged} == {k: plain[k] for k in unchanged}
 
 
 def test_extract_letter_direct_answers():
@@ -243,8 +273,8 @@ PIECES = ["<think>", "</think>", "<answer>", "</answer>", "< think>", "<Think>",
           "}", "A 45-year-old", "I ", "reasoning process here", "Ketotifen eye drops"]
 
 
-def _check(response, gold, options, strict):
-    out = verify(response, gold, options, strict=strict)
+def _check(response, gold, options, rules):
+    out = verify(response, gold, options, rules)
     assert out["reward"] in (-1.0, 0.0, 1.0)
     assert out["format_ok"] == (out["reward"] != -1.0)
     assert out["correct"] == (out["reward"] == 1.0)
@@ -252,18 +282,22 @@ def _check(response, gold, options, strict):
     assert (out["reason"] == "") == out["format_ok"]
 
 
+# the two optional rules, on or off; the rewards the study's
+ANY_RULES = st.builds(Rules, strict_format=st.booleans(), penalize_template_copy=st.booleans())
+
+
 @settings(max_examples=300, deadline=None)
-@given(st.text(), st.sampled_from(["A", "B", "E"]), st.sampled_from([None, OPTS]), st.booleans())
-def test_property_arbitrary_text(response, gold, options, strict):
-    _check(response, gold, options, strict)
+@given(st.text(), st.sampled_from(["A", "B", "E"]), st.sampled_from([None, OPTS]), ANY_RULES)
+def test_property_arbitrary_text(response, gold, options, rules):
+    _check(response, gold, options, rules)
     assert extract_letter(response, options) in (None, *(options or "ABCDEFGHIJ"))
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.sampled_from(PIECES), max_size=40).map("".join),
-       st.sampled_from(["A", "B", "J"]), st.sampled_from([None, OPTS, TEN]), st.booleans())
-def test_property_tag_soup(response, gold, options, strict):
-    _check(response, gold, options, strict)
+       st.sampled_from(["A", "B", "J"]), st.sampled_from([None, OPTS, TEN]), ANY_RULES)
+def test_property_tag_soup(response, gold, options, rules):
+    _check(response, gold, options, rules)
 
 
 @settings(max_examples=200, deadline=None)
@@ -301,7 +335,7 @@ def test_adversarial_fast(name):
     response = ADVERSARIAL[name]
     for options, strict in [(None, False), (OPTS, True)]:
         start = time.perf_counter()
-        out = verify(response, "B", options, strict=strict)
+        out = verify(response, "B", options, Rules(strict_format=strict))
         assert time.perf_counter() - start < 0.5, name
         assert out["reward"] in (-1.0, 0.0, 1.0)
     start = time.perf_counter()
@@ -322,7 +356,7 @@ odd_options = st.none() | st.lists(st.text(max_size=5), max_size=4) | st.diction
 
 
 def _three_rewards(response, gold, options, strict=False):
-    out = verify(response, gold, options, strict=strict)
+    out = verify(response, gold, options, Rules(strict_format=strict))
     assert out["reward"] in (-1.0, 0.0, 1.0)
     assert (out["reason"] == "") == out["format_ok"]
     return out
