@@ -37,6 +37,7 @@ import distributed
 import engine
 import eval as evaluation  # `eval` itself would hide the builtin
 import rollout
+import sources
 import tracking
 from ppo import lr_schedule
 
@@ -212,7 +213,7 @@ def training_prompts(cfg, tokenizer, log, suffix: str = ""):
     """The training questions and their prompts (each + suffix); prompts longer than
     --max_prompt_tokens are left out, and counted. Returns the records and prompts kept, and their
     token ids and attention mask [n, P], left padded."""
-    records = data.load_dataset(cfg.train_data, cfg.data_dir or None)
+    records = sources.load_dataset(cfg.train_data, cfg.data_dir or None)
     if cfg.shuffle_options:
         records = [data.shuffle_options(r, cfg.seed + i) for i, r in enumerate(records)]
     prompts = [data.build_prompt(r, cfg.prompt_style, tokenizer) + suffix for r in records]
@@ -356,7 +357,7 @@ class HeldOutEval:
         self.sets = {}
         if cfg.eval_every:
             for name in names:
-                records = data.load_dataset(name, cfg.data_dir or None)
+                records = sources.load_dataset(name, cfg.data_dir or None)
                 self.sets[name] = records[:cfg.eval_limit] if cfg.eval_limit else records
         self.max_new_tokens = (cfg.eval_max_new_tokens
                                or evaluation.default_max_new_tokens(cfg.prompt_style))

@@ -15,8 +15,8 @@ Every dataset becomes a list of the same record:
     labels may instead come from test_ground_truth.json next to it) as a 3-option question:
     A. yes, B. no, C. maybe,
   - generic jsonl: one record as above a line (`id`, `source`, `meta` optional).
-`load_dataset(name)` finds a named benchmark under the data folder, else on the Hugging Face Hub
-(hub.py), else, with no data folder set, in the embedded demo subset (demo_data/).
+Which file a named benchmark ("medqa_dev") is read from, the data folder, the Hugging Face Hub or
+the embedded demo subset, is sources.py's business; this file imports no other file of the project.
 
 Bad input is never dropped or guessed around: it raises `DataError` with "file:line: problem".
 Blank lines are skipped (they hold no record); every other line must be a valid record.
@@ -24,16 +24,12 @@ Blank lines are skipped (they hold no record); every other line must be a valid 
 import csv
 import io
 import json
-import logging
-import os
 import random
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -43,30 +39,33 @@ class DataError(ValueError):
     The message is always "file:line: problem"."""
 
 
-def _error(path, line: int, problem: str) -> DataError:
-    # Callers `raise _error(...) from None` inside except blocks: the user sees one clear line,
+def error_at(path, line: int, problem: str) -> DataError:
+    """The DataError for a problem at `line` of `path` (a parquet file's row: hub.py)."""
+    # Callers `raise error_at(...) from None` inside except blocks: the user sees one clear line,
     # not json's or csv's internal traceback.
     return DataError(f"{path}:{line}: {problem}")
 
 
 # ---- Reading text and JSON with line numbers -----------------------------------------------------
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
+    """A text file's contents; a file that is unreadable, not UTF-8, binary or empty is a DataError
+    naming its line."""
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise _error(path, 1, f"cannot read file ({e.strerror or e})") from None
+        raise error_at(path, 1, f"cannot read file ({e.strerror or e})") from None
     try:
         text = raw.decode("utf-8-sig")  # -sig: tolerate the byte-order mark spreadsheet tools write
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         problem = f"not UTF-8 text (byte 0x{raw[e.start]:02x}): binary or another encoding"
-        raise _error(path, line, problem) from None
+        raise error_at(path, line, problem) from None
     if "\x00" in text:  # valid UTF-8, but no text format holds NUL bytes
-        raise _error(path, text[: text.index("\x00")].count("\n") + 1,
-                     "NUL byte: binary data, not text")
+        raise error_at(path, text[: text.index("\x00")].count("\n") + 1,
+                       "NUL byte: binary data, not text")
     if not text.strip():
-        raise _error(path, 1, "file is empty: no records")
+        raise error_at(path, 1, "file is empty: no records")
     return text
 
 
@@ -86,12 +85,12 @@ def _loads(text: str, path, line: int, unique_keys=True):
     try:
         return json.loads(text, object_pairs_hook=_unique_keys if unique_keys else None)
     except json.JSONDecodeError as e:
-        raise _error(path, line + e.lineno - 1,
-                     f"malformed JSON: {e.msg} (column {e.colno})") from None
+        raise error_at(path, line + e.lineno - 1,
+                       f"malformed JSON: {e.msg} (column {e.colno})") from None
     except ValueError as e:  # from _unique_keys
-        raise _error(path, line, str(e)) from None
+        raise error_at(path, line, str(e)) from None
     except RecursionError:
-        raise _error(path, line, "malformed JSON: nested too deeply") from None
+        raise error_at(path, line, "malformed JSON: nested too deeply") from None
 
 
 def _json_members(text: str, path):
@@ -100,8 +99,8 @@ def _json_members(text: str, path):
     # A syntax check of the whole document first: its errors carry the line.
     _loads(text, path, 1, unique_keys=False)
     if not text.lstrip().startswith("{"):
-        raise _error(path, 1,
-                     "expected a JSON object ({id: record, ...}) or one JSON object per line")
+        raise error_at(path, 1,
+                       "expected a JSON object ({id: record, ...}) or one JSON object per line")
     decoder = json.JSONDecoder(object_pairs_hook=_unique_keys)
     # In valid JSON only whitespace, ',' and ':' sit between keys and values.
     separators = re.compile(r"[\s,:]*")
@@ -119,95 +118,100 @@ def _json_members(text: str, path):
         try:
             value, pos = decoder.raw_decode(text, separators.match(text, pos).end())
         except ValueError as e:
-            raise _error(path, line, str(e)) from None
+            raise error_at(path, line, str(e)) from None
         if key in first_line_of:
-            raise _error(path, line, f"duplicate key {key!r} (first on line {first_line_of[key]})")
+            raise error_at(path, line,
+                           f"duplicate key {key!r} (first on line {first_line_of[key]})")
         first_line_of[key] = line
         yield line, key, value
 
 
-def _get(obj: dict, key: str, kind, where, optional=False):
-    """obj[key] checked for presence and type; `where` = (path, line) for the error."""
+def get_field(obj: dict, key: str, kind, where, optional=False):
+    """obj[key] checked for presence and type; `where` = (path, line) for the error. `kind`: a type
+    or a tuple of types; optional=True gives None for a missing or null field."""
     if key not in obj or (optional and obj[key] is None):
         if optional:
             return None
-        raise _error(*where, f"missing field {key!r}")
+        raise error_at(*where, f"missing field {key!r}")
     value = obj[key]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         got = f"{type(value).__name__} {str(value)[:40]!r}"
-        raise _error(*where, f"field {key!r} should be {want}, got {got}")
+        raise error_at(*where, f"field {key!r} should be {want}, got {got}")
     return value
 
 
 # ---- One converter per schema: raw object -> record fields (checked later, in one place) ---------
+# Each takes the raw object and `where` = (path, line) for its errors; hub.py reuses them on the Hub
+# copies that kept a schema read here. check_records turns the fields into records.
 
-def _from_medqa(obj: dict, where) -> dict:
+def medqa_fields(obj: dict, where) -> dict:
     """MedQA-USMLE, and MMLU-Pro as medagents-benchmark ships it (`realidx`, `src`)."""
-    rec = {"question": _get(obj, "question", str, where),
-           "options": _get(obj, "options", dict, where),
-           "answer": _get(obj, "answer_idx", str, where), "meta": {}}
+    rec = {"question": get_field(obj, "question", str, where),
+           "options": get_field(obj, "options", dict, where),
+           "answer": get_field(obj, "answer_idx", str, where), "meta": {}}
     # The gold option's text: a free consistency check.
-    answer_text = _get(obj, "answer", str, where, optional=True)
+    answer_text = get_field(obj, "answer", str, where, optional=True)
     gold_text = rec["options"].get(rec["answer"])
     if (answer_text is not None and isinstance(gold_text, str)
             and gold_text.strip() != answer_text.strip()):
-        raise _error(*where, f"answer_idx {rec['answer']!r} names {gold_text!r}, "
-                             f"but field 'answer' says {answer_text!r}")
+        raise error_at(*where, f"answer_idx {rec['answer']!r} names {gold_text!r}, "
+                               f"but field 'answer' says {answer_text!r}")
     rec["source"] = "mmlu_pro" if "realidx" in obj else "medqa"
     if "realidx" in obj:
-        rec["id"] = f"mmlu_pro-{_get(obj, 'realidx', (int, str), where)}"
+        rec["id"] = f"mmlu_pro-{get_field(obj, 'realidx', (int, str), where)}"
     if "meta_info" in obj:
-        rec["meta"]["step"] = _get(obj, "meta_info", str, where)  # "step1" | "step2&3"
+        rec["meta"]["step"] = get_field(obj, "meta_info", str, where)  # "step1" | "step2&3"
     if "src" in obj:
-        rec["meta"]["subject"] = _get(obj, "src", str, where)  # e.g. "ori_mmlu-virology"
+        rec["meta"]["subject"] = get_field(obj, "src", str, where)  # e.g. "ori_mmlu-virology"
     return rec
 
 
-def _from_mmlu_pro(obj: dict, where) -> dict:
+def mmlu_pro_fields(obj: dict, where) -> dict:
     """MMLU-Pro's own schema: options as a list, gold as a 0-based `answer_index` and a letter
     `answer`."""
-    options = _get(obj, "options", list, where)
-    index = _get(obj, "answer_index", int, where)
+    options = get_field(obj, "options", list, where)
+    index = get_field(obj, "answer_index", int, where)
     if not 0 <= index < len(options):
-        raise _error(*where, f"answer_index {index} is outside the {len(options)} options")
-    letter = _get(obj, "answer", str, where, optional=True)
+        raise error_at(*where, f"answer_index {index} is outside the {len(options)} options")
+    letter = get_field(obj, "answer", str, where, optional=True)
     if letter is not None and letter != LETTERS[index]:
-        raise _error(*where, f"answer {letter!r} disagrees with answer_index {index} "
-                             f"({LETTERS[index]!r})")
-    return {"id": f"mmlu_pro-{_get(obj, 'question_id', (int, str), where)}", "source": "mmlu_pro",
-            "question": _get(obj, "question", str, where), "options": dict(zip(LETTERS, options)),
-            "answer": LETTERS[index], "meta": {"subject": _get(obj, "src", str, where)}}
+        raise error_at(*where, f"answer {letter!r} disagrees with answer_index {index} "
+                               f"({LETTERS[index]!r})")
+    return {"id": f"mmlu_pro-{get_field(obj, 'question_id', (int, str), where)}",
+            "source": "mmlu_pro", "question": get_field(obj, "question", str, where),
+            "options": dict(zip(LETTERS, options)), "answer": LETTERS[index],
+            "meta": {"subject": get_field(obj, "src", str, where)}}
 
 
-def _from_medmcqa(obj: dict, where) -> dict:
-    cop = _get(obj, "cop", int, where)
+def medmcqa_fields(obj: dict, where) -> dict:
+    cop = get_field(obj, "cop", int, where)
     # This release counts from 1 (its explanations say "Ans-a" where cop == 1).
     if cop not in (1, 2, 3, 4):
-        raise _error(*where, f"cop must be 1-4 (1 = opa), got {cop}")
+        raise error_at(*where, f"cop must be 1-4 (1 = opa), got {cop}")
     meta = {"subject": obj.get("subject_name"), "choice_type": obj.get("choice_type")}
-    return {"id": f"medmcqa-{_get(obj, 'id', str, where)}", "source": "medmcqa",
-            "question": _get(obj, "question", str, where),
-            "options": {letter: _get(obj, f"op{letter.lower()}", str, where)
+    return {"id": f"medmcqa-{get_field(obj, 'id', str, where)}", "source": "medmcqa",
+            "question": get_field(obj, "question", str, where),
+            "options": {letter: get_field(obj, f"op{letter.lower()}", str, where)
                         for letter in "ABCD"},
             "answer": "ABCD"[cop - 1], "meta": meta}
 
 
-def _from_generic(obj: dict, where) -> dict:
-    rec = {"question": _get(obj, "question", str, where),
-           "options": _get(obj, "options", dict, where),
-           "answer": _get(obj, "answer", str, where),
-           "meta": _get(obj, "meta", dict, where, optional=True) or {}}
+def generic_fields(obj: dict, where) -> dict:
+    rec = {"question": get_field(obj, "question", str, where),
+           "options": get_field(obj, "options", dict, where),
+           "answer": get_field(obj, "answer", str, where),
+           "meta": get_field(obj, "meta", dict, where, optional=True) or {}}
     if obj.get("id") is not None:
-        rec["id"] = str(_get(obj, "id", (str, int), where))
+        rec["id"] = str(get_field(obj, "id", (str, int), where))
     if obj.get("source") is not None:
-        rec["source"] = _get(obj, "source", str, where)
+        rec["source"] = get_field(obj, "source", str, where)
     return rec
 
 
 # The field that tells each JSON-lines schema apart, checked in this order.
-_SCHEMAS = (("opa", _from_medmcqa), ("answer_index", _from_mmlu_pro), ("answer_idx", _from_medqa),
-            ("answer", _from_generic))
+_SCHEMAS = (("opa", medmcqa_fields), ("answer_index", mmlu_pro_fields),
+            ("answer_idx", medqa_fields), ("answer", generic_fields))
 
 
 def _jsonl_records(text: str, path):
@@ -221,16 +225,21 @@ def _jsonl_records(text: str, path):
             continue
         obj = _loads(raw, path, line)
         if not isinstance(obj, dict):
-            raise _error(path, line,
-                         f"expected a JSON object on this line, got {type(obj).__name__}")
+            raise error_at(path, line,
+                           f"expected a JSON object on this line, got {type(obj).__name__}")
         convert = convert or next((converter for key, converter in _SCHEMAS if key in obj),
                                   None)
         if convert is None:
-            raise _error(path, line, f"unrecognised record with fields {sorted(obj)}; "
-                                     "expected MedQA (options, answer_idx), MMLU-Pro (options "
-                                     "list, answer_index), MedMCQA (opa..opd, cop) or generic "
-                                     "(question, options, answer)")
+            raise error_at(path, line, f"unrecognised record with fields {sorted(obj)}; "
+                                       "expected MedQA (options, answer_idx), MMLU-Pro (options "
+                                       "list, answer_index), MedMCQA (opa..opd, cop) or generic "
+                                       "(question, options, answer)")
         yield line, convert(obj, (path, line))
+
+
+# The named set mmlu_medical: the medical subjects of MMLU, one file each (sources.py, hub.py).
+MMLU_MEDICAL_SUBJECTS = ("anatomy", "clinical_knowledge", "college_biology", "college_medicine",
+                         "medical_genetics", "professional_medicine")
 
 
 def _mmlu_csv_records(text: str, path: Path):
@@ -244,12 +253,12 @@ def _mmlu_csv_records(text: str, path: Path):
             if not any(cell.strip() for cell in row):
                 continue
             if len(row) != 6:
-                raise _error(path, line, f"CSV row has {len(row)} columns, expected 6 "
-                                         "(question, A, B, C, D, answer letter; no header row)")
+                raise error_at(path, line, f"CSV row has {len(row)} columns, expected 6 "
+                                           "(question, A, B, C, D, answer letter; no header row)")
             yield line, {"question": row[0], "options": dict(zip("ABCD", row[1:5])),
                          "answer": row[5].strip(), "source": "mmlu", "meta": {"subject": subject}}
     except csv.Error as e:
-        raise _error(path, start, f"malformed CSV: {e}") from None
+        raise error_at(path, start, f"malformed CSV: {e}") from None
 
 
 PUBMEDQA_OPTIONS = {"A": "yes", "B": "no", "C": "maybe"}
@@ -262,34 +271,34 @@ def _pubmedqa_records(text: str, path: Path):
     truth_path = path.with_name("test_ground_truth.json")
     truth = {}
     if truth_path.exists() and truth_path.resolve() != path.resolve():
-        truth_members = _json_members(_read_text(truth_path), truth_path)
+        truth_members = _json_members(read_text(truth_path), truth_path)
         truth = {pmid: label for _, pmid, label in truth_members}
     for line, pmid, item in _json_members(text, path):
         where = (path, line)
         if not isinstance(item, dict):
             hint = " (a label file? load test_set.json next to it)" if isinstance(item, str) else ""
-            raise _error(path, line, "expected PubMedQA's "
-                                     "{pmid: {QUESTION, CONTEXTS, final_decision}}, "
-                                     f"but {pmid!r} maps to {type(item).__name__}{hint}")
-        contexts = _get(item, "CONTEXTS", list, where)
+            raise error_at(path, line, "expected PubMedQA's "
+                                       "{pmid: {QUESTION, CONTEXTS, final_decision}}, "
+                                       f"but {pmid!r} maps to {type(item).__name__}{hint}")
+        contexts = get_field(item, "CONTEXTS", list, where)
         if not all(isinstance(c, str) for c in contexts):
-            raise _error(path, line, "field 'CONTEXTS' should be a list of str")
-        decision = _get(item, "final_decision", str, where, optional=True) or truth.get(pmid)
+            raise error_at(path, line, "field 'CONTEXTS' should be a list of str")
+        decision = get_field(item, "final_decision", str, where, optional=True) or truth.get(pmid)
         if decision is None:
-            raise _error(path, line,
-                         f"no final_decision for {pmid!r}, and no label in {truth_path.name}")
+            raise error_at(path, line,
+                           f"no final_decision for {pmid!r}, and no label in {truth_path.name}")
         if pmid in truth and truth[pmid] != decision:
-            raise _error(path, line, f"final_decision {decision!r} disagrees with "
-                                     f"{truth_path.name} ({truth[pmid]!r})")
-        yield line, pubmedqa_fields(pmid, _get(item, "QUESTION", str, where), contexts, decision,
-                                    item.get("YEAR"), where)
+            raise error_at(path, line, f"final_decision {decision!r} disagrees with "
+                                       f"{truth_path.name} ({truth[pmid]!r})")
+        question = get_field(item, "QUESTION", str, where)
+        yield line, pubmedqa_fields(pmid, question, contexts, decision, item.get("YEAR"), where)
 
 
 def pubmedqa_fields(pmid: str, question: str, contexts: list, decision: str, year, where) -> dict:
     """One PubMedQA item as record fields (hub.py builds the Hub's copy with it too)."""
     letter_of = {option: letter for letter, option in PUBMEDQA_OPTIONS.items()}
     if decision not in letter_of:
-        raise _error(*where, f"final_decision should be yes, no or maybe, got {decision!r}")
+        raise error_at(*where, f"final_decision should be yes, no or maybe, got {decision!r}")
     abstract = " ".join(c.strip() for c in contexts)
     return {"id": f"pubmedqa-{pmid}", "source": "pubmedqa",
             "question": f"Context: {abstract}\nQuestion: {question}",
@@ -304,20 +313,20 @@ def _check(rec: dict, path, line: int) -> dict:
     texts."""
     question, options, answer = rec["question"].strip(), rec["options"], rec["answer"]
     if not question:
-        raise _error(path, line, "empty question")
+        raise error_at(path, line, "empty question")
     if len(options) < 2:
-        raise _error(path, line, f"{len(options)} option(s); a question needs at least two")
+        raise error_at(path, line, f"{len(options)} option(s); a question needs at least two")
     if "".join(options) != LETTERS[: len(options)]:
-        raise _error(path, line, f"option letters {''.join(options)} should be "
-                                 f"{LETTERS[:len(options)]} (A, B, ... in order)")
+        raise error_at(path, line, f"option letters {''.join(options)} should be "
+                                   f"{LETTERS[:len(options)]} (A, B, ... in order)")
     for letter, text in options.items():
         if not isinstance(text, str):
-            raise _error(path, line, f"option {letter} should be str, got {type(text).__name__}")
+            raise error_at(path, line, f"option {letter} should be str, got {type(text).__name__}")
         if not text.strip():
-            raise _error(path, line, f"option {letter} is empty")
+            raise error_at(path, line, f"option {letter} is empty")
     if answer not in options:
-        raise _error(path, line,
-                     f"gold answer {answer!r} is not among the options {''.join(options)}")
+        raise error_at(path, line,
+                       f"gold answer {answer!r} is not among the options {''.join(options)}")
     return {"id": rec["id"], "question": question,
             "options": {letter: text.strip() for letter, text in options.items()},
             "answer": answer, "source": rec["source"], "meta": rec["meta"]}
@@ -342,7 +351,7 @@ def load_mcqa(path, stem: str | None = None) -> list[dict]:
 
     Raises DataError("file:line: problem") on any bad input."""
     path = Path(path)
-    text = _read_text(path)
+    text = read_text(path)
     if path.suffix.lower() == ".csv":
         numbered_records = _mmlu_csv_records(text, path)
     elif _is_json_document(text):
@@ -362,115 +371,13 @@ def check_records(numbered_records, path, stem: str) -> list[dict]:
         fields.setdefault("id", f"{fields['source']}_{stem}-{line}")
         record = _check(fields, path, line)
         if record["id"] in line_of_id:
-            raise _error(path, line, f"duplicate id {record['id']!r} "
-                                     f"(first on line {line_of_id[record['id']]})")
+            raise error_at(path, line, f"duplicate id {record['id']!r} "
+                                       f"(first on line {line_of_id[record['id']]})")
         line_of_id[record["id"]] = line
         records.append(record)
     if not records:
-        raise _error(path, 1, "no records (only blank lines)")
+        raise error_at(path, 1, "no records (only blank lines)")
     return records
-
-
-# ---- load_dataset: a name -> the data folder, else the Hub (hub.py), else the embedded subset ---
-
-DEFAULT_DATA_DIR = "~/.cache/medrlvr/data"  # used when neither data_dir nor MEDRLVR_DATA is given
-MEDQA_ORIGIN = "github.com/jind11/MedQA, data_clean/questions/US/"
-MEDQA4_ORIGIN = MEDQA_ORIGIN + "4_options/phrases_no_exclude_"
-MMLU_MEDICAL_SUBJECTS = ("anatomy", "clinical_knowledge", "college_biology", "college_medicine",
-                         "medical_genetics", "professional_medicine")
-PUBMEDQA_ORIGIN = "github.com/pubmedqa/pubmedqa, data/"
-# name -> (path under the data folder, where the file comes from besides the Hub)
-DATASETS = {
-    "medqa_train": ("medqa/4_options/train.jsonl", MEDQA4_ORIGIN + "train.jsonl"),
-    "medqa_dev": ("medqa/4_options/dev.jsonl", MEDQA4_ORIGIN + "dev.jsonl"),
-    "medqa_test": ("medqa/4_options/test.jsonl", MEDQA4_ORIGIN + "test.jsonl"),
-    "medqa5_dev": ("medqa/5_options/dev.jsonl", MEDQA_ORIGIN + "dev.jsonl"),
-    "medqa5_test": ("medqa/5_options/test.jsonl", MEDQA_ORIGIN + "test.jsonl"),
-    "mmlu_pro_health": ("mmlu_pro_health/test.jsonl",
-                        "github.com/xk-huang/medagents-benchmark, data/mmlu-pro/test.jsonl"),
-    "medmcqa_dev": ("medmcqa/dev.json", "github.com/medmcqa/medmcqa, the release's dev.json"),
-    "mmlu_medical": ("mmlu_medical/test",
-                     "github.com/hendrycks/test, data.tar: data/test/<subject>_test.csv"),
-    "pubmedqa": ("pubmedqa/test_set.json",
-                 PUBMEDQA_ORIGIN + " (test_set.json and test_ground_truth.json)"),
-    "pubmedqa_labeled": ("pubmedqa/ori_pqal.json", PUBMEDQA_ORIGIN + "ori_pqal.json"),
-}
-# The first records of three sets, committed in the data folder's layout (demo_data/README.md): what
-# a newcomer gets with neither a data folder nor the Hub. name -> (the set, its full size).
-DEMO_DATA_DIR = Path(__file__).resolve().parent / "demo_data"
-EMBEDDED = {"medqa_dev": ("MedQA-USMLE 4-option dev", 1272),
-            "medqa_test": ("MedQA-USMLE 4-option test", 1273),
-            "mmlu_pro_health": ("MMLU-Pro health", 818)}
-_warned_embedded = set()  # the fallback is announced once per name per process
-
-
-@dataclass(frozen=True)
-class Source:
-    description: str  # what source_of reports, e.g. "data folder /x/medqa/4_options/dev.jsonl"
-    paths: tuple  # the files to read
-    hub_name: str = ""  # set: the files are this Hub set's, converted by hub.read
-
-
-def _locate(name_or_path: str, data_dir: str | None) -> Source:
-    """load_dataset's rule, short of reading: a Hub set is downloaded into the Hub cache here."""
-    if name_or_path not in DATASETS:
-        path = Path(name_or_path).expanduser()
-        if path.is_dir():
-            files = sorted(child for child in path.iterdir()
-                           if child.suffix.lower() in (".csv", ".jsonl"))
-            return Source(f"folder {path} ({len(files)} files)", tuple(files))
-        if path.exists():
-            return Source(f"file {path}", (path,))
-        raise DataError(f"{name_or_path}: no such file, "
-                        f"and not a dataset name ({', '.join(DATASETS)})")
-    name, relative = name_or_path, DATASETS[name_or_path][0]
-    configured = data_dir or os.environ.get("MEDRLVR_DATA")
-    root = Path(configured or DEFAULT_DATA_DIR).expanduser()
-    files = (root / relative,)
-    if name == "mmlu_medical":  # six subject files, one benchmark
-        files = tuple(root / relative / f"{subject}_test.csv" for subject in MMLU_MEDICAL_SUBJECTS)
-    missing = [path for path in files if not path.exists()]
-    if not missing:
-        return Source(f"data folder {root / relative}", files)
-    import hub  # only here: hub.py builds on this module's converters
-    try:
-        found = Source(hub.describe(name), hub.fetch(name), name)
-    except hub.HubUnavailable as e:
-        hub_problem = str(e)
-    else:  # a data folder the user chose but that lacks the file deserves a warning
-        (log.warning if configured else log.info)("%s: %s is not there; reading %s", name,
-                                                  missing[0], found.description)
-        return found
-    if configured or name not in EMBEDDED:
-        raise DataError(f"{missing[0]}: not found; dataset {name!r} reads this file, and "
-                        f"{hub_problem}; put it there (source: {DATASETS[name][1]}), point "
-                        "MEDRLVR_DATA / data_dir at a folder that has it, or run once online")
-    path = DEMO_DATA_DIR / relative
-    count = sum(1 for line in _read_text(path).split("\n") if line.strip())
-    if name not in _warned_embedded:
-        _warned_embedded.add(name)
-        log.warning("%s: using the embedded %d-question subset of %s (%s): no data folder is set "
-                    "and %s. Numbers on it are not the benchmark's. For the full set, set "
-                    "MEDRLVR_DATA to a folder that has %s, or run once online (the Hub copy is "
-                    "then cached)", name, count, EMBEDDED[name][0], path, hub_problem, relative)
-    return Source(f"embedded demo subset ({count} of {EMBEDDED[name][1]}) {path}", (path,))
-
-
-def load_dataset(name_or_path: str, data_dir: str | None = None) -> list[dict]:
-    """A named benchmark (DATASETS) under `data_dir` (default: env MEDRLVR_DATA, then
-    ~/.cache/medrlvr/data), else the Hub's pinned copy (hub.py), else, with no data folder set, the
-    embedded subset (EMBEDDED, with a warning). Or any file / folder of files load_mcqa reads."""
-    source = _locate(name_or_path, data_dir)
-    if source.hub_name:
-        import hub
-        return hub.read(source.hub_name, source.paths)
-    return [record for path in source.paths for record in load_mcqa(path)]
-
-
-def source_of(name_or_path: str, data_dir: str | None = None) -> str:
-    """Where load_dataset reads from, for a run's log: "data folder <path>", "Hub <repo>@<commit>
-    <file>" or "embedded demo subset (200 of 1272) <path>"."""
-    return _locate(name_or_path, data_dir).description
 
 
 # ---- Prompts -------------------------------------------------------------------------------------
@@ -599,7 +506,7 @@ def tokenize_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int | Non
     """Token ids of `prompts`, LEFT padded (generation appends on the right, so every row's last
     prompt token sits in the same column). Prompts longer than max_prompt_tokens are left out,
     never cut: a cut question is a different question. Their indices come back in `skipped` for
-    the caller to report, and a warning logs the count.
+    the caller to report (common.training_prompts logs the count in the run's log).
 
     Returns (input_ids [B, P] long, attention_mask [B, P] long, kept: list[int],
     skipped: list[int])."""
@@ -618,9 +525,6 @@ def tokenize_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int | Non
         else:
             kept.append(index)
             kept_ids.append(ids)
-    if skipped:
-        log.warning("tokenize_prompts: left out %d of %d prompts longer than %d tokens",
-                    len(skipped), len(prompts), max_prompt_tokens)
     width = max((len(ids) for ids in kept_ids), default=0)
     input_ids = torch.full((len(kept_ids), width), pad_id, dtype=torch.long)  # [B, P]
     attention_mask = torch.zeros((len(kept_ids), width), dtype=torch.long)  # [B, P]

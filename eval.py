@@ -55,6 +55,7 @@ import checkpoint
 import data
 import engine
 import rollout
+import sources
 import verifier
 from model import load_policy
 
@@ -448,7 +449,7 @@ def parse_args(argv=None):
                         help="HF folder or name, smollm2-135m, tiny-qwen2, "
                              "or a train_ppo.py run / checkpoint folder")
     parser.add_argument("--data", nargs="+", default=["medqa_test", "mmlu_pro_health"],
-                        help="data.load_dataset names or paths")
+                        help="sources.load_dataset names or paths")
     parser.add_argument("--prompt", default="r1_chat", choices=data.PROMPT_STYLES,
                         help="data.build_prompt style: r1 styles are scored by verify(), "
                              "the others by their letter")
@@ -514,7 +515,7 @@ def main(argv=None) -> None:
     with open(out_dir / "predictions.jsonl", "w") as predictions_file:
         for name in args.data:
             try:
-                records = data.load_dataset(name, args.data_dir)[:args.limit]
+                records = sources.load_dataset(name, args.data_dir)[:args.limit]
             except data.DataError as error:
                 sys.exit(f"eval.py: {error}")
             set_start = time.time()

@@ -1,7 +1,7 @@
 """Every named benchmark set on the Hugging Face Hub: its repository, the commit it is pinned to,
 its files, and the converter that turns them into this project's records.
 
-data.load_dataset asks here when a set's files are not in the data folder. Each set is pinned to
+sources.load_dataset asks here when a set's files are not in the data folder. Each set is pinned to
 one commit of its repository, so a download gives the same questions wherever and whenever it
 runs. A converter reuses data.py's own per-schema converter wherever the Hub kept a schema that
 data.py reads, and ends in data.check_records, the checks every local record passes: a record from
@@ -11,8 +11,8 @@ the Hub equals, field for field, the record load_mcqa gives from the local file 
 Files come through huggingface_hub.hf_hub_download (installed with transformers) into the Hub cache
 (HF_HUB_CACHE, else HF_HOME/hub); with HF_HUB_OFFLINE set, only that cache is read. Parquet files
 are read with pyarrow (pip install pyarrow), imported only when one is read: the `datasets` library
-would bring far more. Whatever stops a download raises HubUnavailable, which data.py turns into its
-embedded fallback or into an error naming the set, the repository, the file and the data folder
+would bring far more. Whatever stops a download raises HubUnavailable, which sources.py turns into
+its embedded fallback or into an error naming the set, the repository, the file and the data folder
 path. A problem inside a downloaded file is a DataError "file:row: problem", as for a local file.
 """
 import importlib.util
@@ -31,11 +31,6 @@ class HubUnavailable(Exception):
     The message completes "dataset X reads this file, and ..."."""
 
 
-def _stem(name: str) -> str:
-    """The local file's name, which line-number ids are made from ("dev" -> "medqa_dev-17")."""
-    return Path(data.DATASETS[name][0]).stem
-
-
 def _parquet_rows(path: Path) -> list[dict]:
     """A parquet file's rows; row n is "line" n in an error message."""
     try:
@@ -49,82 +44,85 @@ def _parquet_rows(path: Path) -> list[dict]:
         raise DataError(f"{path}:1: not a readable parquet file ({e})") from None
 
 
-# ---- One converter per Hub schema: (set name, local paths of its files) -> records ---------------
+# ---- One converter per Hub schema: (local paths of its files, stem) -> records -------------------
+# `stem` is the name of the set's local file, which line-number ids are made from ("dev" ->
+# "medqa_dev-17"), so that a Hub record has the id the local file gives it.
 
-def _read_medqa_jsonl(name: str, paths: tuple) -> list[dict]:
+def _read_medqa_jsonl(paths: tuple, stem: str) -> list[dict]:
     """MedQA-USMLE jsonl, the local files' own schema under the release's file names."""
-    return data.load_mcqa(paths[0], stem=_stem(name))
+    return data.load_mcqa(paths[0], stem=stem)
 
 
-def _read_bigbio_medqa(name: str, paths: tuple) -> list[dict]:
+def _read_bigbio_medqa(paths: tuple, stem: str) -> list[dict]:
     """bigbio/med_qa's "source" schema: MedQA's own fields, the options a list of {key, value}."""
     path = paths[0]
     numbered = []
     for row_number, row in enumerate(_parquet_rows(path), 1):
         where = (path, row_number)
         options = {}
-        for option in data._get(row, "options", list, where):
+        for option in data.get_field(row, "options", list, where):
             if not isinstance(option, dict):
-                raise data._error(*where, f"each option should be {{key, value}}, got {option!r}")
-            letter = data._get(option, "key", str, where)
+                raise data.error_at(*where, f"each option should be {{key, value}}, got {option!r}")
+            letter = data.get_field(option, "key", str, where)
             if letter in options:
-                raise data._error(*where, f"option {letter!r} twice")
-            options[letter] = data._get(option, "value", str, where)
+                raise data.error_at(*where, f"option {letter!r} twice")
+            options[letter] = data.get_field(option, "value", str, where)
         fields = {key: row[key] for key in ("question", "answer_idx", "answer", "meta_info")
                   if row.get(key) is not None}
-        numbered.append((row_number, data._from_medqa({**fields, "options": options}, where)))
-    return data.check_records(numbered, path, _stem(name))
+        numbered.append((row_number, data.medqa_fields({**fields, "options": options}, where)))
+    return data.check_records(numbered, path, stem)
 
 
-def _read_mmlu_pro(name: str, paths: tuple) -> list[dict]:
+def _read_mmlu_pro(paths: tuple, stem: str) -> list[dict]:
     """MMLU-Pro's own schema (options a list, answer_index), every category in one file: the set is
     category "health"."""
     path = paths[0]
     numbered = []
     for row_number, row in enumerate(_parquet_rows(path), 1):
         where = (path, row_number)
-        if data._get(row, "category", str, where) == "health":
-            numbered.append((row_number, data._from_mmlu_pro(row, where)))
-    return data.check_records(numbered, path, _stem(name))
+        if data.get_field(row, "category", str, where) == "health":
+            numbered.append((row_number, data.mmlu_pro_fields(row, where)))
+    return data.check_records(numbered, path, stem)
 
 
-def _read_medmcqa(name: str, paths: tuple) -> list[dict]:
+def _read_medmcqa(paths: tuple, stem: str) -> list[dict]:
     """MedMCQA's fields; the Hub's `cop` counts the gold option from 0, the original release (and
     data.py's converter) from 1."""
     path = paths[0]
     numbered = []
     for row_number, row in enumerate(_parquet_rows(path), 1):
         where = (path, row_number)
-        cop = data._get(row, "cop", int, where)
+        cop = data.get_field(row, "cop", int, where)
         if cop not in (0, 1, 2, 3):
-            raise data._error(*where, f"cop must be 0-3 in the Hub copy (0 = opa), got {cop}")
-        numbered.append((row_number, data._from_medmcqa({**row, "cop": cop + 1}, where)))
-    return data.check_records(numbered, path, _stem(name))
+            raise data.error_at(*where, f"cop must be 0-3 in the Hub copy (0 = opa), got {cop}")
+        numbered.append((row_number, data.medmcqa_fields({**row, "cop": cop + 1}, where)))
+    return data.check_records(numbered, path, stem)
 
 
 # A line break as the csv module counts lines when load_mcqa reads a hendrycks CSV.
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
-def _read_mmlu(name: str, paths: tuple) -> list[dict]:
+def _read_mmlu(paths: tuple, stem: str) -> list[dict]:
     """cais/mmlu: a parquet file per subject (question, subject, choices, answer 0-3). An id names
     the line its row starts on in hendrycks' CSV, as load_mcqa numbers the local file: a line a
-    row, plus the line breaks inside its texts."""
+    row, plus the line breaks inside its texts. The stems are the subjects' file names, not
+    `stem`."""
     records = []
     for subject, path in zip(data.MMLU_MEDICAL_SUBJECTS, paths):
         numbered = []
         line = 1
         for row_number, row in enumerate(_parquet_rows(path), 1):
             where = (path, row_number)
-            question = data._get(row, "question", str, where)
-            choices = data._get(row, "choices", list, where)
-            answer = data._get(row, "answer", int, where)
+            question = data.get_field(row, "question", str, where)
+            choices = data.get_field(row, "choices", list, where)
+            answer = data.get_field(row, "answer", int, where)
             if row.get("subject") not in (None, subject):
-                raise data._error(*where, f"subject {row['subject']!r} in the {subject} file")
+                raise data.error_at(*where, f"subject {row['subject']!r} in the {subject} file")
             if len(choices) != 4 or not all(isinstance(choice, str) for choice in choices):
-                raise data._error(*where, f"choices should be 4 texts, got {str(choices)[:80]}")
+                raise data.error_at(*where, f"choices should be 4 texts, got {str(choices)[:80]}")
             if answer not in (0, 1, 2, 3):
-                raise data._error(*where, f"answer must be 0-3 (0 = A), got {answer}")
+                raise data.error_at(*where, f"answer must be 0-3 (0 = A), got {answer}")
             numbered.append((row_number, {
                 "id": f"mmlu_{subject}_test-{line}", "source": "mmlu", "question": question,
                 "options": dict(zip("ABCD", choices)), "answer": "ABCD"[answer],
@@ -139,33 +137,34 @@ def _pubmedqa_items(path: Path) -> dict:
     items = {}
     for row_number, row in enumerate(_parquet_rows(path), 1):
         where = (path, row_number)
-        pmid = str(data._get(row, "pubid", int, where))
-        contexts = data._get(data._get(row, "context", dict, where), "contexts", list, where)
+        pmid = str(data.get_field(row, "pubid", int, where))
+        context = data.get_field(row, "context", dict, where)
+        contexts = data.get_field(context, "contexts", list, where)
         if not all(isinstance(context, str) for context in contexts):
-            raise data._error(*where, "field 'context.contexts' should be a list of str")
+            raise data.error_at(*where, "field 'context.contexts' should be a list of str")
         if pmid in items:
-            raise data._error(*where, f"pubid {pmid} twice (first on row {items[pmid][0]})")
-        question = data._get(row, "question", str, where)
-        decision = data._get(row, "final_decision", str, where)
+            raise data.error_at(*where, f"pubid {pmid} twice (first on row {items[pmid][0]})")
+        question = data.get_field(row, "question", str, where)
+        decision = data.get_field(row, "final_decision", str, where)
         items[pmid] = (row_number, data.pubmedqa_fields(pmid, question, contexts, decision, None,
                                                         where))
     return items
 
 
-def _read_pubmedqa_labeled(name: str, paths: tuple) -> list[dict]:
+def _read_pubmedqa_labeled(paths: tuple, stem: str) -> list[dict]:
     """The 1000 expert-labelled questions (the local ori_pqal.json)."""
-    return data.check_records(_pubmedqa_items(paths[0]).values(), paths[0], _stem(name))
+    return data.check_records(_pubmedqa_items(paths[0]).values(), paths[0], stem)
 
 
 # The official test split (the local test_set.json) is 500 of the 1000 labelled questions, in an
 # order of its own: the pmids of test_ground_truth.json, committed (demo_data/README.md).
-PUBMEDQA_TEST_PMIDS = data.DEMO_DATA_DIR / "pubmedqa" / "test_pmids.txt"
+PUBMEDQA_TEST_PMIDS = Path(__file__).resolve().parent / "demo_data" / "pubmedqa" / "test_pmids.txt"
 
 
-def _read_pubmedqa_test(name: str, paths: tuple) -> list[dict]:
+def _read_pubmedqa_test(paths: tuple, stem: str) -> list[dict]:
     items = _pubmedqa_items(paths[0])
     numbered = []
-    for line, text in enumerate(data._read_text(PUBMEDQA_TEST_PMIDS).split("\n"), 1):
+    for line, text in enumerate(data.read_text(PUBMEDQA_TEST_PMIDS).split("\n"), 1):
         pmid = text.strip()
         if not pmid:
             continue
@@ -173,17 +172,17 @@ def _read_pubmedqa_test(name: str, paths: tuple) -> list[dict]:
             raise DataError(f"{paths[0]}:1: pubid {pmid} of the test split "
                             f"({PUBMEDQA_TEST_PMIDS}:{line}) is not in this file")
         numbered.append(items[pmid])
-    return data.check_records(numbered, paths[0], _stem(name))
+    return data.check_records(numbered, paths[0], stem)
 
 
-# ---- The table: every name in data.DATASETS ------------------------------------------------------
+# ---- The table: every name in sources.DATASETS ---------------------------------------------------
 
 @dataclass(frozen=True)
 class HubSet:
     repo: str  # a dataset repository on the Hub
     revision: str  # the commit every download is pinned to
     files: tuple  # paths inside the repository
-    read: Callable  # (name, local paths of `files`) -> records
+    read: Callable  # (local paths of `files`, stem) -> records
 
 
 GBAKER_MEDQA = ("GBaker/MedQA-USMLE-4-options", "0fb93dd23a7339b6dcd27e241cb9b5eca62d4d18")
@@ -216,10 +215,10 @@ HUB_SETS = {
 }
 
 
-# ---- What data.py calls --------------------------------------------------------------------------
+# ---- What sources.py calls -----------------------------------------------------------------------
 
 def describe(name: str) -> str:
-    """"Hub <repo>@<commit> <file>", for data.source_of."""
+    """"Hub <repo>@<commit> <file>", for sources.source_of."""
     hub_set = HUB_SETS[name]
     more = f" and {len(hub_set.files) - 1} more" if len(hub_set.files) > 1 else ""
     return f"Hub {hub_set.repo}@{hub_set.revision} {hub_set.files[0]}{more}"
@@ -256,6 +255,7 @@ def fetch(name: str) -> tuple:
     return tuple(paths)
 
 
-def read(name: str, paths: tuple) -> list[dict]:
-    """The records of a set from the paths fetch gave."""
-    return HUB_SETS[name].read(name, paths)
+def read(name: str, paths: tuple, stem: str) -> list[dict]:
+    """The records of a set from the paths fetch gave, with the ids its local file `stem` (the
+    file's name: "dev" for medqa/4_options/dev.jsonl) gives them."""
+    return HUB_SETS[name].read(paths, stem)

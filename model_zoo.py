@@ -8,7 +8,8 @@
     there afterwards.
 
 model.load_policy and model.load_critic take these names as well as Hugging Face folders and hub
-names.
+names. So model.py imports this file, never the other way: what both need (dtype names, the pad
+token, atomic folder writes) is in model_io.py, below both.
 """
 import copy
 import importlib.util
@@ -26,7 +27,7 @@ from transformers import (
     Qwen2Tokenizer,
 )
 
-import model
+from model_io import as_dtype, save_tokenizer, set_pad_token, write_folder_atomically
 
 TINY_NAMES = {"tiny-qwen2": "qwen2", "tiny-llama": "llama"}
 SMOLLM2_NAME = "smollm2-135m"
@@ -96,7 +97,7 @@ def load_tiny(arch="qwen2", seed=0, hidden=64, layers=2, heads=4, kv_heads=2, in
         tiny = AutoModelForCausalLM.from_config(config)
     tiny.generation_config.eos_token_id = tokenizer.eos_token_id
     tiny.generation_config.pad_token_id = tokenizer.pad_token_id
-    return tiny.to(device=device, dtype=model.as_dtype(dtype)).eval(), tokenizer
+    return tiny.to(device=device, dtype=as_dtype(dtype)).eval(), tokenizer
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,7 +120,7 @@ def load_random(config, dtype="bfloat16", device="cpu", seed=0):
     meta device and materialised on `device` directly: a 3B model never passes through the host's
     memory in fp32. For benchmarks of speed and memory only; it writes no text."""
     with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(config, dtype=model.as_dtype(dtype))
+        meta = AutoModelForCausalLM.from_config(config, dtype=as_dtype(dtype))
     random_model = meta.to_empty(device=device)
     random_model.tie_weights()  # to_empty gives the tied LM head storage of its own: tie it again
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -201,17 +202,17 @@ def smollm2_folder(gguf=None) -> Path:
     dense = AutoModelForCausalLM.from_config(type(gguf_model.config).from_dict(config))
     dense.load_state_dict(gguf_model.state_dict())
     dense.generation_config = copy.deepcopy(gguf_model.generation_config)
-    model.set_pad_token(tokenizer, dense)
+    set_pad_token(tokenizer, dense)
     tokenizer.model_max_length = dense.config.max_position_embeddings
 
     def write(folder):
         dense.save_pretrained(folder)
-        model.save_tokenizer(tokenizer, folder)
+        save_tokenizer(tokenizer, folder)
 
     # Two processes (e.g. torchrun ranks) may convert at once: each writes its own temporary folder
     # and the first rename wins; the other's rename fails because the target exists, and it drops
     # its copy.
-    model.write_folder_atomically(target, write, replace=False)
+    write_folder_atomically(target, write, replace=False)
     seconds = time.time() - t0
     print(f"[model_zoo] converted {SMOLLM2_NAME} from GGUF into {target} in {seconds:.0f} s")
     return target

@@ -100,7 +100,8 @@ def load(model_name: str, batch: int, device="cpu", dtype="float32"):
         return model, tok, enc["input_ids"].to(device), enc["attention_mask"].to(device), None
     if model_name.startswith("random-qwen2.5-3b"):
         return paper_shaped(model_name, batch, device, dtype)
-    from data import build_prompt, load_dataset, tokenize_prompts
+    from data import build_prompt, tokenize_prompts
+    from sources import load_dataset
     model, tok = load_policy(model_name, dtype=dtype, device=device)
     # ../shared/data beside the repository, unless MEDRLVR_DATA says otherwise
     shared = Path(__file__).resolve().parent.parent.parent / "shared" / "data"

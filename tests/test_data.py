@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import data
+import sources
 from data import DataError
 
 # ---------------------------------------------------------------------------------------------
@@ -36,7 +37,7 @@ REAL_COUNTS = {
 def real(data_dir):
     """Each named dataset loaded once for the whole module, from MEDRLVR_DATA (data_dir: skipped
     without it)."""
-    return {name: data.load_dataset(name) for name in REAL_COUNTS}
+    return {name: sources.load_dataset(name) for name in REAL_COUNTS}
 
 
 @pytest.mark.parametrize("name", REAL_COUNTS)
@@ -311,15 +312,16 @@ def test_generic_jsonl_and_missing_file(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# load_dataset: names and folders (tests/test_hub.py: a missing file, the Hub, the demo subset)
+# sources.load_dataset: names and folders (tests/test_hub.py: a missing file, the Hub, the demo
+# subset)
 # ---------------------------------------------------------------------------------------------
 
 def test_load_dataset_paths_and_errors(data_dir):
-    assert len(data.load_dataset("medqa_test", data_dir=str(data_dir))) == 1273
-    assert len(data.load_dataset(str(data_dir / "mmlu_medical/test"))) == 1089  # a folder of files
-    assert len(data.load_dataset(str(data_dir / "medqa/4_options/dev.jsonl"))) == 1272
+    assert len(sources.load_dataset("medqa_test", data_dir=str(data_dir))) == 1273
+    assert len(sources.load_dataset(str(data_dir / "mmlu_medical/test"))) == 1089  # a folder
+    assert len(sources.load_dataset(str(data_dir / "medqa/4_options/dev.jsonl"))) == 1272
     with pytest.raises(DataError, match="not a dataset name"):
-        data.load_dataset("medqa_tset")
+        sources.load_dataset("medqa_tset")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,14 +420,16 @@ def test_chat_styles(real, char_tokenizer):
     assert prompt.count("<think>") == 3  # two of them in the instruction
 
 
-def test_tokenize_prompts_left_pads_and_counts_skipped(char_tokenizer, caplog):
+def test_tokenize_prompts_left_pads_and_returns_the_skipped(char_tokenizer, caplog):
     # The last already carries its BOS (as a chat template writes it).
     prompts = ["ab", "abcd", "x" * 50, "<s>abc"]
-    with caplog.at_level(logging.WARNING, logger="data"):
+    with caplog.at_level(logging.DEBUG):
         ids, mask, kept, skipped = data.tokenize_prompts(char_tokenizer, prompts,
                                                          max_prompt_tokens=5)
     assert (kept, skipped) == ([0, 1, 3], [2])
-    assert "left out 1 of 4 prompts longer than 5 tokens" in caplog.text
+    # The caller reports the skipped prompts in its run's log (common.training_prompts), once:
+    # tokenize_prompts logs nothing of its own.
+    assert caplog.records == []
     # [B, P]: BOS + 4 characters.
     assert ids.dtype == torch.long and ids.shape == mask.shape == (3, 5)
     decoded = [char_tokenizer.decode(row[row_mask.bool()]) for row, row_mask in zip(ids, mask)]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import eval as evaluation  # `eval` itself would hide the builtin
-from data import load_dataset
+from sources import load_dataset
 
 OPTIONS = {"A": "Artificial tears", "B": "Ketotifen eye drops", "C": "Oral prednisone",
            "D": "Topical erythromycin"}

@@ -14,6 +14,7 @@ from conftest import ROOT, trainer_command
 import data
 import model_zoo
 import rollout
+import sources
 import train_sft
 import verifier
 from model import load_policy, position_ids_from_mask
@@ -55,7 +56,7 @@ def test_examples_are_the_direct_prompt_then_space_letter_eos(data_dir):
     _, tok = model_zoo.load_tiny()
     cfg = train_sft.parse_config(["--preset", "smoke", "--train_data", "medqa_dev"])
     examples = train_sft.load_examples(cfg, tok, log=print)
-    record = data.load_dataset("medqa_dev")[0]
+    record = sources.load_dataset("medqa_dev")[0]
     prompt = tok.decode(examples[0]["prompt"])
     assert prompt == data.build_prompt(record, "direct")
     assert prompt.endswith("Answer:")
@@ -197,7 +198,7 @@ def test_checkpoint_loads_with_load_policy_and_greedy_decoding_answers_the_train
         tmp_path, data_dir):
     """Train on questions whose answer is always C (shortened: fast), then decode greedily as
     eval.py does."""
-    questions = data.load_dataset("medqa_dev")[:16]
+    questions = sources.load_dataset("medqa_dev")[:16]
     records = [{**r, "question": r["question"][:120], "answer": "C"} for r in questions]
     path = tmp_path / "always_c.jsonl"
     fields = ("id", "question", "options", "answer")
