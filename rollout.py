@@ -69,15 +69,19 @@ class KVCache:
     values: list[torch.Tensor]  # per layer [B, kv_heads, max_len, head_dim]
 
     @staticmethod
-    def allocate(model, batch: int, max_len: int) -> KVCache:
+    def allocate(model, batch: int, max_len: int, dtype=None) -> KVCache:
+        """dtype: the compute dtype the keys and values come out in (default: autocast's when it
+        is on, else the weights')"""
         config = model.config
         head_dim = getattr(config, "head_dim", None)
         head_dim = head_dim or config.hidden_size // config.num_attention_heads
         weight = model.model.embed_tokens.weight
+        if dtype is None and torch.is_autocast_enabled(weight.device.type):
+            dtype = torch.get_autocast_dtype(weight.device.type)  # k_proj's output under autocast
 
         def empty():
             return torch.empty(batch, config.num_key_value_heads, max_len, head_dim,
-                               dtype=weight.dtype, device=weight.device)
+                               dtype=dtype or weight.dtype, device=weight.device)
 
         layers = range(config.num_hidden_layers)
         return KVCache([empty() for _ in layers], [empty() for _ in layers])
@@ -299,7 +303,6 @@ class Outputs:
     lengths: torch.Tensor  # [B] long (on the CPU): response length of each row
     finish_reason: list[str]  # [B]
     pad_token_id: int
-    steps: int = 0  # steps taken: the longest response
 
     @staticmethod
     def empty(batch: int, max_new_tokens: int, pad_token_id: int, device) -> Outputs:
@@ -312,10 +315,9 @@ class Outputs:
     def record(self, t: int, rows: torch.Tensor, tokens: torch.Tensor, logps: torch.Tensor) -> None:
         self.tokens[rows, t] = tokens
         self.logprobs[rows, t] = logps
-        self.steps = t + 1
 
     def rollout(self, input_ids: torch.Tensor) -> Rollout:
-        T = self.steps
+        T = int(self.lengths.max())  # the longest response
         response_mask = (torch.arange(T)[None, :] < self.lengths[:, None]).long()  # [B, T]
         response_mask = response_mask.to(input_ids.device)
         tokens = self.tokens[:, :T].masked_fill(response_mask == 0, self.pad_token_id)  # [B, T]
@@ -357,6 +359,10 @@ class StopRule:
             out.lengths[row] = t + 1
             out.finish_reason[row] = "eos" if is_eos[slot] else "stop"
         return ended
+
+    def hits(self, windows: list[list[int]]) -> list[bool]:
+        """Does each row's tail of tokens (newest last) hold a stop string? As `ended` checks."""
+        return stop_string_hits(self.tokenizer, windows, self.stop_strings)
 
 
 def stop_string_hits(tokenizer, windows: list[list[int]], stop_strings: list[str]) -> list[bool]:
@@ -402,7 +408,7 @@ def main(argv=None):
                                 "rollout.generate and score them with the verifier.")
     p.add_argument("--model", default="smollm2-135m",
                    help="smollm2-135m, tiny-qwen2, tiny-llama or a Hugging Face folder")
-    p.add_argument("--data", default="medqa_dev", help="a data.py dataset name or a file")
+    p.add_argument("--data", default="medqa_dev", help="a sources.py dataset name or a file")
     p.add_argument("--data_dir", default=None,
                    help="default: $MEDRLVR_DATA, else ../shared/data beside the repository")
     p.add_argument("--n", type=int, default=4, help="questions")
@@ -414,8 +420,9 @@ def main(argv=None):
     p.add_argument("--top_k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(sys.argv[1:] if argv is None else list(argv))
-    from data import PROMPT_PREFILL, build_prompt, load_dataset, tokenize_prompts
+    from data import PROMPT_PREFILL, build_prompt, tokenize_prompts
     from model import load_policy
+    from sources import load_dataset
     from verifier import verify
 
     model, tokenizer = load_policy(args.model)
