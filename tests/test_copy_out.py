@@ -25,11 +25,14 @@ mask[1, :3] = 0  # left padding
 STANDALONE = {
     "verifier.py": ([], """
 import sys
-from verifier import verify
+from verifier import Rules, verify
 options = {"A": "aspirin", "B": "heparin"}
 assert verify("<think>clots</think><answer>B</answer>", "B", options)["reward"] == 1
 assert verify("<think>clots</think><answer>A</answer>", "B", options)["reward"] == 0
 assert verify("B", "B", options)["reward"] == -1
+copy = "<think>reasoning process here</think><answer>B</answer>"
+assert verify(copy, "B", options)["reward"] == 1
+assert verify(copy, "B", options, Rules(penalize_template_copy=True))["reward"] == -1
 assert not {"torch", "numpy"} & set(sys.modules), "the verifier is standard library only"
 print("OK")
 """),
@@ -42,7 +45,8 @@ rewards = ppo.token_rewards(kl, torch.tensor([1.0, -1.0]), mask, 0.5)
 assert torch.allclose(rewards, torch.tensor([[-0.05, -0.1, 0.85], [-0.2, -1.25, 0.0]]))
 advantages, returns = ppo.gae(rewards, torch.zeros(2, 3), mask, 1.0, 1.0)
 assert torch.allclose(advantages[0], torch.tensor([0.7, 0.75, 0.85]))  # returns-to-go
-loss, stats = ppo.policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), advantages, mask, 0.2)
+reduce = ppo.LossReduction("token-mean", mask)
+loss, stats = ppo.policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), advantages, reduce, (0.2, 0.2))
 assert torch.isclose(loss, -(advantages * mask).sum() / mask.sum()) and stats["clipfrac"] == 0
 print("OK")
 """),
@@ -54,13 +58,14 @@ expected = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tok
 assert torch.equal(out.sequences, expected), (out.sequences, expected)
 print("OK")
 """),
-    "engine.py": (["rollout.py"], TINY_QWEN2 + """
+    "engine.py": (["rollout.py", "static_decode.py"], TINY_QWEN2 + """
 import engine, rollout
 noise = torch.rand(3, 6)
-fast = engine.generate(model, ids, mask, 6, eos_token_id=[], uniforms=noise)
 plain = rollout.generate(model, ids, mask, 6, eos_token_id=[], uniforms=noise)
-assert torch.equal(fast.sequences, plain.sequences)
-assert torch.allclose(fast.logprobs, plain.logprobs, atol=1e-5)
+for settings in (engine.DYNAMIC, engine.STATIC):
+    fast = engine.generate(model, ids, mask, 6, settings, eos_token_id=[], uniforms=noise)
+    assert torch.equal(fast.sequences, plain.sequences)
+    assert torch.allclose(fast.logprobs, plain.logprobs, atol=1e-5)
 print("OK")
 """),
     "data.py": ([], """
@@ -93,6 +98,24 @@ response = "<think> B. </think><answer> B </answer>"  # the answer, stated befor
 stage = dynamics.classify(verifier.verify(response, "B", options), response, options)
 assert stage == dynamics.DIRECT_ANSWER_HACKER, stage
 assert dynamics.classify(verifier.verify("B", "B", options), "B") == dynamics.FORMAT_FAILURE
+print("OK")
+"""),
+    "lora.py": ([], TINY_QWEN2 + """
+import lora
+base = model(ids, attention_mask=mask).logits
+lora.add_adapters(model, lora.LoraConfig(rank=2, alpha=4.0), names=("policy", "critic"))
+assert torch.equal(model(ids, attention_mask=mask).logits, base)  # B = 0: the base, to the bit
+with torch.no_grad():
+    for p in lora.adapter_parameters(model, "policy")[1::2]:  # each linear's B
+        p.normal_(0.0, 0.1)
+    adapted = model(ids, attention_mask=mask).logits
+    with lora.adapter(model, None):
+        assert torch.equal(model(ids, attention_mask=mask).logits, base)
+    plain = AutoModelForCausalLM.from_config(config).eval()
+    plain.load_state_dict(dict(lora.merged_parameters(model, "policy")))
+    assert torch.allclose(plain(ids, attention_mask=mask).logits, adapted, atol=1e-5)
+assert all(k.startswith("base_model.model.model.layers.") and ".lora_" in k
+           for k in lora.peft_state_dict(model, "policy"))
 print("OK")
 """),
 }
