@@ -13,6 +13,9 @@ mask as a function instead, and skips what it masks out:
   - `use_flex_attention(model)`: switches a loaded policy or critic to transformers' own flex
     attention ("flex_attention"); model.attention_mask_for then hands it `block_mask(batch)` for
     packed batches, and response_logprobs, response_values and final_hidden_states run as they are.
+The trainers' switches come last: `prepare_for_training` applies --attention (`attention_for`) and
+--compile (`compile_decoder_layers`: torch.compile of every decoder layer, gradient checkpointing's
+recomputation in the backward included).
 
 How transformers takes it (5.17 and 5.24 alike): masking_utils returns any 4-D attention mask as it
 is, and a BlockMask's shape is [R, 1, L, L]; integrations/flex_attention.py hands a BlockMask to
@@ -88,12 +91,41 @@ def attention_for(choice: str, device) -> str:
 def prepare_for_training(model, attention: str, compile_layers: bool, device):
     """Set a policy, reference or critic up for the trainers' forwards, in place, before FSDP2
     shards it: its attention (attention_for) and, with compile_layers, torch.compile of every
-    decoder layer (one compiled graph serves all layers of a shape; dynamic shapes, since packed
-    rows change length every step). Generation is unaffected: rollout.py and engine.py call the
-    layers' submodules, never a layer's forward."""
+    decoder layer (compile_decoder_layers). Generation is unaffected: rollout.py and engine.py call
+    the layers' submodules, never a layer's forward."""
     if attention_for(attention, device) == "flex_attention":
         use_flex_attention(model)
     if compile_layers:
-        for layer in model.model.layers:
-            layer.compile(dynamic=True)
+        compile_decoder_layers(model)
+    return model
+
+
+def compile_decoder_layers(model):
+    """torch.compile every decoder layer, in place, gradient checkpointing included.
+
+    One compiled graph serves all layers of a shape, with dynamic shapes, since packed rows change
+    length every step; dynamo guards on train() and on grad mode, so eval() and no-grad forwards get
+    a graph of their own.
+
+    Gradient checkpointing is compiled too. transformers checkpoints a layer inside its forward
+    (GradientCheckpointingLayer wraps forward in torch.utils.checkpoint), so compiling the layer
+    puts the checkpoint inside the compiled region: dynamo traces it as a higher-order op, the
+    compiled forward keeps only the layer's inputs, and AOTAutograd puts the recomputation into the
+    compiled backward, where Inductor fuses it with the gradient kernels and leaves out what the
+    backward never reads (the MLP's down projection). That is torchtitan's order, checkpoint inside
+    compile. The other order, our own eager checkpoint around a compiled layer with transformers'
+    turned off, reruns the whole compiled forward in the backward (a compiled graph hands autograd
+    its tensors only once it has run to the end, so checkpoint's early stop cannot cut it short),
+    and needs every layer wrapped anew.
+
+    Dynamo refuses any Python side effect inside a checkpoint, since eager checkpointing would
+    replay it in the recomputation, and the attention's forward has one: the wrapper of the kernels
+    library (transformers' use_kernelized_func) sets a global and resets it. Left alone, that graph
+    break leaves every checkpointed layer eager. The flag (process-wide, as dynamo's settings are)
+    lets dynamo apply such side effects once, in the forward; this one undoes itself, so there is
+    nothing to replay.
+    """
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    for layer in model.model.layers:
+        layer.compile(dynamic=True)
     return model

@@ -282,12 +282,16 @@ def test_the_plain_engine_gives_the_fast_engines_run(toy, tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_layers_give_the_eager_run(toy, tmp_path):
+@pytest.mark.parametrize("checkpointing", ["false", "true"])
+def test_compiled_layers_give_the_eager_run(toy, tmp_path, checkpointing):
     """--compile (torch.compile of every decoder layer for the training forwards; generation is
     untouched) gives the eager run's samples, and its losses up to float rounding, through 2 steps
-    of PPO with a critic."""
-    run(toy + ["--max_steps", "2", "--save_every", "2"], tmp_path / "eager")
-    run(toy + ["--max_steps", "2", "--save_every", "2", "--compile"], tmp_path / "compiled")
+    of PPO with a critic, with gradient checkpointing off and on (then the checkpoint is compiled
+    too: tests/test_compile.py)."""
+    flags = toy + ["--max_steps", "2", "--save_every", "2",
+                   "--gradient_checkpointing", checkpointing]
+    run(flags, tmp_path / "eager")
+    run(flags + ["--compile", "true"], tmp_path / "compiled")
     assert_same_metrics(metrics(tmp_path / "eager"), metrics(tmp_path / "compiled"), rel=1e-5)
     assert same_file(tmp_path / "eager", tmp_path / "compiled")
 
