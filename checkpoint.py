@@ -2,8 +2,11 @@
 
 Layout (one folder per saved step, under OUT/checkpoints/):
     step_000010/
-        policy/           Hugging Face folder (AutoModelForCausalLM.from_pretrained loads it)
-        critic/           Hugging Face folder (AutoModelForTokenClassification), PPO with a critic
+        policy/           Hugging Face folder (AutoModelForCausalLM.from_pretrained loads it); with
+                          LoRA the policy adapter in PEFT's layout (adapter_config.json,
+                          adapter_model.safetensors: PeftModel.from_pretrained loads it)
+        critic/           Hugging Face folder (AutoModelForTokenClassification), PPO with a critic;
+                          with LoRA its adapter as above, and value_head.safetensors
         optim/            per optimizer NAME: NAME.safetensors (its whole state, gathered on rank 0)
                           and NAME.json (the param groups' hyperparameters, which tensor is which);
                           every rank takes its shard on load, so a run can resume on another number
@@ -47,7 +50,6 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 import distributed
-from model import save_model
 
 STEP_RE = re.compile(r"^step_(\d{6,})$")
 
@@ -240,20 +242,21 @@ def refuse_pickles(folder):
 # --------------------------------------------------------------------------------------------------
 # A training run's whole state: used by both trainers
 # --------------------------------------------------------------------------------------------------
-def save_training(root, step, models: dict, opts: dict, scheds: dict, tokenizer, config: dict,
+def save_training(root, step, trained: dict, opts: dict, scheds: dict, tokenizer, config: dict,
                   extra: dict, keep_last: int = 0):
-    """Write checkpoint `step`: each model as a Hugging Face folder and each optimizer's state
-    (both gathered on rank 0), the schedulers, RNG states and `extra` (e.g. the KL coefficient).
-    `models` maps a folder name to a model, `opts`/`scheds` the same names to its
-    optimizer/scheduler. Collective: every rank calls it. Refuses to write non-finite weights."""
-    # under FSDP gathered on rank 0 only
-    full = {name: distributed.full_model_state_dict(m) for name, m in models.items()}
+    """Write checkpoint `step`: what each optimizer trains (`trained`: a folder name ->
+    roles.Trained: a Hugging Face folder, or a LoRA adapter in PEFT's layout) and each optimizer's
+    state (both
+    gathered on rank 0), the schedulers, RNG states and `extra` (e.g. the KL coefficient). `opts`
+    and `scheds` map the same names to an optimizer and its scheduler. Collective: every rank calls
+    it. Refuses to write non-finite weights."""
+    full = {name: item.gather() for name, item in trained.items()}  # under FSDP on rank 0 only
     finite = all(torch.isfinite(t).all() for weights in full.values() for t in weights.values()
                  if t.is_floating_point())
     if not distributed.broadcast_object(finite):
         raise CheckpointError(f"step {step}: the weights hold NaN or inf; refusing to write them "
                               f"into a checkpoint")
-    optim = {name: _full_optimizer_state(m, opts[name]) for name, m in models.items()}
+    optim = {name: _full_optimizer_state(item.module, opts[name]) for name, item in trained.items()}
     world_size = 1
     if distributed.is_distributed():
         world_size = distributed.all_reduce_sum(torch.ones(1)).item()
@@ -261,8 +264,8 @@ def save_training(root, step, models: dict, opts: dict, scheds: dict, tokenizer,
              "world_size": world_size}
     with writing(root, step, {"config": config}, keep_last) as tmp:
         if _rank() == 0:
-            for name, m in models.items():
-                save_model(m, tokenizer, tmp / name, state_dict=full[name])
+            for name, item in trained.items():
+                item.write(tmp / name, full[name], tokenizer)
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
             _save_rng(tmp)
             (tmp / "optim").mkdir()
@@ -270,17 +273,18 @@ def save_training(root, step, models: dict, opts: dict, scheds: dict, tokenizer,
                 _save_optimizer(osd, tmp / "optim", name)
 
 
-def load_training(folder, models: dict, opts: dict, scheds: dict) -> dict:
+def load_training(folder, trained: dict, opts: dict, scheds: dict) -> dict:
     """Restore optimizers (resharded to this run's number of ranks), schedulers and RNG states from
-    a checkpoint whose model folders the caller already loaded. Returns trainer_state.json. Reads
-    only safetensors and JSON: a file that is anything else is refused, naming it."""
+    a checkpoint whose weights the caller already loaded (`trained`: as save_training's). Returns
+    trainer_state.json. Reads only safetensors and JSON: a file that is anything else is refused,
+    naming it."""
     folder = Path(folder)
     # whole tensors: under FSDP each rank keeps its shard of them (full_state_dict, whichever the
     # number of ranks); a single process loads them as they are
     whole = StateDictOptions(full_state_dict=distributed.is_distributed())
-    for name, m in models.items():
+    for name, item in trained.items():
         osd = _load_optimizer(folder / "optim", name)
-        set_optimizer_state_dict(m, opts[name], osd, options=whole)
+        set_optimizer_state_dict(item.module, opts[name], osd, options=whole)
     state = _read_json(folder / "trainer_state.json")
     try:
         for k, s in scheds.items():

@@ -4,13 +4,11 @@ algorithm.
   - flags: a dataclass whose fields are the flags (`arg`), presets over it (`parse_flags`), and the
     flags every run has (`RunFlags`: the output folder, checkpoints, resume, device, dtype, ...);
   - the start of a run (`start_run`): process group, the settings re-checked against the number of
-    ranks, seeds, the checkpoint to resume from; the run's folder (`prepare_out_dir`); the training
-    questions and their prompts (`training_prompts`);
-  - AdamW with the warm-up + cosine schedule (`adamw`), bf16 autocast on one GPU (`autocast`), the
-    time of each phase of a step (`PhaseTimer`);
+    ranks, seeds, the checkpoint to resume from; the run's folder (`prepare_out_dir`);
+  - AdamW with the warm-up + cosine schedule (`adamw`), the time of each phase of a step
+    (`PhaseTimer`);
   - the housekeeping around each step (`StepLoop`): the progress bar, SIGTERM and Ctrl-C, steps
-    skipped for non-finite values, metrics.jsonl, checkpoints;
-  - held-out evaluation during training (`HeldOutEval`), eval.py's decoding and scoring;
+    skipped for non-finite values, metrics.jsonl (strict JSON: `json_line`), checkpoints;
   - experiment tracking (--report_to, tracking.py): set up with the run's folder, fed each line
     of metrics.jsonl and eval.jsonl as it is written, closed with the step loop;
   - the command line (`cli`): an error the user can fix ends with its message, not a traceback.
@@ -34,10 +32,7 @@ from tqdm import tqdm
 import checkpoint
 import data
 import distributed
-import engine
-import eval as evaluation  # `eval` itself would hide the builtin
-import rollout
-import sources
+import lora
 import tracking
 from ppo import lr_schedule
 
@@ -69,6 +64,12 @@ class RunFlags:
     report_to: str = arg("none", "also log metrics.jsonl and eval.jsonl to: none | tensorboard "
                                  "(out_dir/tensorboard) | wandb (tracking.py)")
     wandb_project: str = arg("medrlvr", "--report_to wandb: the W&B project")
+    # LoRA (lora.py, roles.py): adapters on one frozen base instead of training every weight
+    lora_rank: int = arg(0, "0: full fine-tuning (the study); r > 0: LoRA adapters of rank r "
+                            "(Hu et al. 2021)")
+    lora_alpha: float = arg(32.0, "LoRA's scale alpha / r (LoRA Without Regret: 32 at any rank)")
+    lora_targets: str = arg(",".join(lora.ALL_TARGETS), "comma-separated linears of each decoder "
+                            "layer to adapt (all seven, LoRA Without Regret)")
 
 
 def parse_flags(config_class, presets: dict, check, argv=None, description=""):
@@ -141,10 +142,26 @@ def run_flag_problems(cfg) -> list[str]:
     --report_to is tracking.flag_problems')."""
     bad = value_problems(cfg, list(RunFlags.__annotations__), positive=(
         "save_every", "collective_timeout_s", "max_nonfinite_steps"),
-        non_negative=("max_steps", "keep_last"), named=("out_dir",),
+        non_negative=("max_steps", "keep_last", "lora_rank"), named=("out_dir",),
         choices={"device": ("auto", "cpu", "cuda"), "dtype": ("bfloat16", "float32")})
     if not 0 <= cfg.seed < 2**32:  # numpy's seed range
         bad.append(f"--seed {cfg.seed}: must be in [0, 2**32)")
+    return bad + lora_problems(cfg)
+
+
+def lora_problems(cfg) -> list[str]:
+    """--lora_alpha and --lora_targets, checked when LoRA is on (--lora_rank > 0). A target the
+    architecture lacks is found once the model is loaded (BadFlag)."""
+    if cfg.lora_rank <= 0:
+        return []
+    bad = []
+    if not cfg.lora_alpha > 0:
+        bad.append(f"--lora_alpha {cfg.lora_alpha}: must be > 0")
+    targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+    unknown = [t for t in targets if t not in lora.ALL_TARGETS]
+    if unknown or not targets:
+        bad.append(f"--lora_targets {cfg.lora_targets!r}: unknown {unknown or 'none given'}; "
+                   f"choose among {','.join(lora.ALL_TARGETS)}")
     return bad
 
 
@@ -209,29 +226,10 @@ def prepare_out_dir(run: Run, start: int, logs: list[str]) -> None:
                                  bool(run.resume_from), run.cfg.wandb_project, run.log)
 
 
-def training_prompts(cfg, tokenizer, log, suffix: str = ""):
-    """The training questions and their prompts (each + suffix); prompts longer than
-    --max_prompt_tokens are left out, and counted. Returns the records and prompts kept, and their
-    token ids and attention mask [n, P], left padded."""
-    records = sources.load_dataset(cfg.train_data, cfg.data_dir or None)
-    if cfg.shuffle_options:
-        records = [data.shuffle_options(r, cfg.seed + i) for i, r in enumerate(records)]
-    prompts = [data.build_prompt(r, cfg.prompt_style, tokenizer) + suffix for r in records]
-    ids, attn, kept, skipped = data.tokenize_prompts(tokenizer, prompts, cfg.max_prompt_tokens)
-    if skipped:
-        log(f"left out {len(skipped)} of {len(records)} prompts longer than --max_prompt_tokens "
-            f"{cfg.max_prompt_tokens}")
-    if not kept:
-        raise SystemExit(f"no prompt of {cfg.train_data} fits in --max_prompt_tokens "
-                         f"{cfg.max_prompt_tokens}")
-    return [records[i] for i in kept], [prompts[i] for i in kept], ids, attn
-
-
-def adamw(model, lr: float, cfg, total_updates: int):
-    """AdamW (betas 0.9, 0.95, as OpenRLHF) and its schedule: linear warm-up, then cosine decay to
-    min_lr_ratio (ppo.lr_schedule), stepped once per optimizer step."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95),
-                                  weight_decay=cfg.weight_decay)
+def adamw(params: list, lr: float, cfg, total_updates: int):
+    """AdamW (betas 0.9, 0.95, as OpenRLHF) over `params` and its schedule: linear warm-up, then
+    cosine decay to min_lr_ratio (ppo.lr_schedule), stepped once per optimizer step."""
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     factor = lr_schedule(total_updates, cfg.warmup_ratio, cfg.min_lr_ratio)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -257,13 +255,6 @@ class PhaseTimer:
 
     def metrics(self) -> dict:
         return {f"time_{phase}": seconds for phase, seconds in self.seconds.items()}
-
-
-def autocast(cfg, device):
-    """bf16 autocast over fp32 weights in a single process (on a GPU, or a CPU: slow there, but the
-    same numerics); under FSDP on GPUs the mixed-precision policy does this instead."""
-    on = cfg.dtype == "bfloat16" and not distributed.is_distributed()
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,7 +310,7 @@ class StepLoop:
         if run.rank == 0:
             for name, lines in {"metrics.jsonl": [metrics], **(logs or {})}.items():
                 with open(run.out / name, "a") as f:
-                    f.writelines(json.dumps(line) + "\n" for line in lines)
+                    f.writelines(json_line(line) for line in lines)
             run.tracker.log(metrics, step)
             self.bar.set_postfix(postfix)
         if self.nonfinite_in_a_row >= cfg.max_nonfinite_steps:  # after the logs: this step logged
@@ -345,57 +336,35 @@ class StepLoop:
         distributed.cleanup()
 
 
-class HeldOutEval:
-    """Evaluation during training, as the study did (MedQA test accuracy every 4 steps, its
-    Figure 2): at step 0 and every cfg.eval_every steps, greedy responses to each set of
-    cfg.eval_data, decoded and scored exactly as eval.py does it (eval.predict and eval.metrics);
-    each rank answers its share of the questions and rank 0 writes one line a set to eval.jsonl."""
+def json_line(obj) -> str:
+    """One line of strict JSON: a number that is not finite (a NaN loss, an undefined statistic)
+    is written as null, never as NaN or Infinity, which strict readers (jq, browsers, Python's
+    json with parse_constant refusing them) refuse."""
+    def finite(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [finite(v) for v in x]
+        return x
+    return json.dumps(finite(obj), allow_nan=False) + "\n"
 
-    def __init__(self, run: Run, cfg, tokenizer):
-        self.run, self.cfg, self.tokenizer = run, cfg, tokenizer
-        names = [name.strip() for name in cfg.eval_data.split(",") if name.strip()]
-        self.sets = {}
-        if cfg.eval_every:
-            for name in names:
-                records = sources.load_dataset(name, cfg.data_dir or None)
-                self.sets[name] = records[:cfg.eval_limit] if cfg.eval_limit else records
-        self.max_new_tokens = (cfg.eval_max_new_tokens
-                               or evaluation.default_max_new_tokens(cfg.prompt_style))
 
-    def due(self, step: int) -> bool:
-        return bool(self.sets) and step % self.cfg.eval_every == 0
-
-    def __call__(self, step: int, policy) -> dict:
-        """Evaluate; returns {set name: accuracy} for the progress bar."""
-        run, cfg = self.run, self.cfg
-        generate = engine.generate if cfg.engine == "fast" else rollout.generate
-        accuracy = {}
-        with distributed.gathered(policy), autocast(cfg, run.device):
-            for name, records in self.sets.items():
-                started = time.time()
-                mine = list(range(run.rank, len(records), run.world))  # this rank's share
-                preds = evaluation.predict(policy, self.tokenizer, [records[i] for i in mine],
-                                           cfg.prompt_style, cfg.generate_batch_size,
-                                           self.max_new_tokens, run.device, desc=f"eval {name}",
-                                           generate=generate)
-                shares = distributed.all_gather_objects(list(zip(mine, preds)))
-                every = [pred for _, pred in sorted(p for share in shares for p in share)]
-                result = evaluation.metrics(every, cfg.seed)
-                accuracy[name] = result["accuracy"]
-                if run.rank == 0:
-                    line = {"step": step, "data": name, **result,
-                            "seconds": round(time.time() - started, 1)}
-                    with open(run.out / "eval.jsonl", "a") as f:
-                        f.write(json.dumps(line) + "\n")
-                    run.tracker.log(line, step, prefix=f"eval/{name}/")
-        return accuracy
+class BadFlag(ValueError):
+    """A flag's value that only the loaded model shows to be wrong (a --lora_targets linear the
+    architecture lacks): the run stops as argparse stops a bad flag, exit code 2."""
 
 
 def cli(main, argv=None):
     """The command line: what the user can fix (a malformed data file, a checkpoint that fails its
-    manifest check, a disk that cannot be written) ends the run with its message and exit code 1,
-    not a traceback from deep inside. main() itself raises, for callers that want the exception."""
+    manifest check, a disk that cannot be written, a flag the model refuses) ends the run with its
+    message, not a traceback from deep inside. main() itself raises, for callers that want the
+    exception."""
     try:
         main(argv)
     except (data.DataError, checkpoint.CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None
+    except BadFlag as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -76,6 +76,14 @@ def shard(model: torch.nn.Module, layers, mixed_precision: bool):
     return model
 
 
+def autocast(dtype: str, device):
+    """--dtype bfloat16 in one process: bf16 autocast over the fp32 weights (on a GPU, or a CPU:
+    slow there, but the same numerics). Under FSDP2 the mixed-precision policy of `shard` casts
+    instead, so autocast stays off."""
+    on = dtype == "bfloat16" and not is_distributed()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=on)
+
+
 def fsdp_units(model: torch.nn.Module):
     from torch.distributed.fsdp import FSDPModule
     return [module for module in model.modules() if isinstance(module, FSDPModule)]
@@ -143,14 +151,17 @@ def barrier():
         dist.barrier()
 
 
-def grad_norm_and_clip(model: torch.nn.Module, max_norm: float) -> float:
-    """Global L2 gradient norm (over all shards), clipped to max_norm; returns the norm before
-    clipping."""
-    params = [param for param in model.parameters() if param.grad is not None]
+def grad_norm_and_clip(params: list, max_norm: float) -> float:
+    """Global L2 norm of the gradients of `params` (over all shards), clipped to max_norm; returns
+    the norm before clipping."""
+    params = [param for param in params if param.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2: the norm over every rank's shard
-        norm = norm.full_tensor()
-    return float(norm)
+    return float(full_tensor(norm))
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor shard (an all-gather: every rank calls it), else t itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 # --- state dicts: full ones for Hugging Face folders, sharded ones for optimizer state ------------

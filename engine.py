@@ -158,7 +158,7 @@ class Engine:
             kinds = self.kinds_of_tokens(stops, tokenizer, logits.shape[-1])
             decode(step, logits, sampling, Watch(kinds, stops, out, self.settings.check_every),
                    n_real)
-        return out.rollout(input_ids)
+        return out.rollout(input_ids, attention_mask)
 
     def kv_cache(self, rows: int, length: int) -> rollout.KVCache:
         """The run's KV cache (grown first if this call needs more), as views of rows x length."""

@@ -6,9 +6,10 @@ Figure 3).
     python eval.py --compare runs/eval_base runs/eval_ppo runs/eval_sft [--plot compare.png]
     python eval.py --model runs/ppo --data medqa_test --num_samples 8 --temperature 1 --out OUT
 
-Decoding is greedy (temperature 0) by default, through engine.generate (--engine plain:
-rollout.generate, the same tokens), batched, with prompts sorted by length so that a batch wastes
-little padding (the output keeps the data set's order). Scoring depends on the prompt style:
+Decoding is greedy (temperature 0) by default, through the sampler --engine names (samplers.py:
+the fast engine by default, --engine plain the teaching core rollout.generate: the same tokens),
+batched, with prompts sorted by length so that a batch wastes little padding (the output keeps the
+data set's order). Scoring depends on the prompt style:
 
 - r1 styles (r1, r1_think, r1_chat, r1_chat_1shot): verifier.verify(PROMPT_PREFILL[style] +
   response, gold, options), the reward the policy was trained on; generation stops at "</answer>".
@@ -45,6 +46,7 @@ import json
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +54,12 @@ import torch
 from tqdm import tqdm
 
 import checkpoint
+import common
 import data
-import engine
+import distributed
+import roles
 import rollout
+import samplers
 import sources
 import verifier
 from model import load_policy
@@ -226,7 +231,8 @@ def default_max_new_tokens(style: str) -> int:
 
 def resolve_model(name_or_path: str) -> str:
     """A training run folder (RUN, RUN/checkpoints or RUN/checkpoints/step_N) means its newest
-    policy; anything else (a Hugging Face folder or name, smollm2-135m, tiny-qwen2) goes to
+    policy (a Hugging Face folder, or with LoRA an adapter folder: load_model merges it into its
+    base); anything else (a Hugging Face folder or name, smollm2-135m, tiny-qwen2) goes to
     model.load_policy as is."""
     path = Path(name_or_path)
     checkpoints_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
@@ -234,6 +240,14 @@ def resolve_model(name_or_path: str) -> str:
     step_dir = steps[-1] if steps else checkpoints_dir
     policy_dir = step_dir / "policy"
     return str(policy_dir) if policy_dir.is_dir() else name_or_path
+
+
+def load_model(path: str, dtype: str, device: str):
+    """(model, tokenizer) of resolve_model's answer: a LoRA adapter folder (adapter_config.json) is
+    applied to its base and merged (roles.load_merged); anything else is model.load_policy's."""
+    if (Path(path) / "adapter_config.json").is_file():
+        return roles.load_merged(path, dtype, device)
+    return load_policy(path, dtype=dtype, device=device)
 
 
 def sampling_noise(seed: int, rows: list[tuple[int, int]], max_new_tokens: int) -> torch.Tensor:
@@ -248,15 +262,25 @@ def sampling_noise(seed: int, rows: list[tuple[int, int]], max_new_tokens: int) 
     return noise
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """How predict decodes."""
+    batch_size: int  # rows per generate call
+    max_new_tokens: int
+    num_samples: int = 1  # answers per question
+    temperature: float = 0.0  # 0: greedy
+    seed: int = 0  # with temperature > 0: sampling_noise's seed
+
+
 @torch.no_grad()
-def predict(policy, tokenizer, records: list[dict], style: str, batch_size: int,
-            max_new_tokens: int, device: str, desc: str = "",
-            generate=engine.generate, num_samples: int = 1, temperature: float = 0.0,
-            seed: int = 0) -> list[dict]:
-    """Responses to every record, scored; returned in the records' order. `generate`:
-    engine.generate or rollout.generate (the same tokens). Greedy by default; with temperature > 0
-    each record is answered num_samples times, from sampling_noise(seed, ...), its samples
+def predict(sampler, tokenizer, records: list[dict], style: str, decoding: Decoding,
+            desc: str = "") -> list[dict]:
+    """Responses to every record, scored; returned in the records' order. `sampler`: samplers.py's
+    (the fast engine or the teaching core: the same tokens). Greedy by default; with temperature >
+    0 each record is answered num_samples times, from sampling_noise(seed, ...), its samples
     consecutive and numbered by a "sample" field when there are several."""
+    batch_size, max_new_tokens = decoding.batch_size, decoding.max_new_tokens
+    num_samples, temperature, device = decoding.num_samples, decoding.temperature, sampler.device
     prompts = [data.build_prompt(record, style, tokenizer) for record in records]
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     # One row a response, (question index, sample index), question by question.
@@ -276,11 +300,12 @@ def predict(policy, tokenizer, records: list[dict], style: str, batch_size: int,
         input_ids, attention_mask, _, _ = data.tokenize_prompts(tokenizer, batch_prompts, None)
         uniforms = None  # greedy
         if temperature > 0:
-            uniforms = sampling_noise(seed, [rows[i] for i in batch], max_new_tokens).to(device)
-        out = generate(policy, input_ids.to(device), attention_mask.to(device), max_new_tokens,
-                       temperature=temperature, eos_token_id=tokenizer.eos_token_id,
-                       stop_strings=stop, tokenizer=tokenizer,
-                       pad_token_id=tokenizer.pad_token_id, uniforms=uniforms)
+            uniforms = sampling_noise(decoding.seed, [rows[i] for i in batch], max_new_tokens)
+            uniforms = uniforms.to(device)
+        out = sampler.generate(input_ids.to(device), attention_mask.to(device), max_new_tokens,
+                               temperature=temperature, eos_token_id=tokenizer.eos_token_id,
+                               stop_strings=stop, tokenizer=tokenizer,
+                               pad_token_id=tokenizer.pad_token_id, uniforms=uniforms)
         response_ids = out.sequences[:, input_ids.shape[1]:]  # [B, T]
         for row, i in enumerate(batch):
             n_generated[i] = int(out.response_mask[row].sum())
@@ -307,6 +332,57 @@ def predict(policy, tokenizer, records: list[dict], style: str, batch_size: int,
             pred["sample"] = sample
         preds.append(pred)
     return preds
+
+
+# --------------------------------------------------------------------------------------------------
+# During training
+
+class HeldOutEval:
+    """Evaluation during training, as the study did (MedQA test accuracy every 4 steps, its
+    Figure 2): at step 0 and every cfg.eval_every steps, greedy responses to each set of
+    cfg.eval_data, decoded and scored as this file does (predict and metrics), by the run's own
+    sampler; each rank answers its share of the questions and rank 0 writes one line a set to
+    eval.jsonl. `longest`: the tokens of the longest prompt plus the response limit, which the
+    run's sampler is sized for."""
+
+    def __init__(self, run, cfg, tokenizer):
+        self.run, self.cfg, self.tokenizer = run, cfg, tokenizer
+        names = [name.strip() for name in cfg.eval_data.split(",") if name.strip()]
+        self.sets = {}
+        if cfg.eval_every:
+            for name in names:
+                records = sources.load_dataset(name, cfg.data_dir or None)
+                self.sets[name] = records[:cfg.eval_limit] if cfg.eval_limit else records
+        self.max_new_tokens = cfg.eval_max_new_tokens or default_max_new_tokens(cfg.prompt_style)
+        prompts = [data.build_prompt(r, cfg.prompt_style, tokenizer)
+                   for records in self.sets.values() for r in records]
+        lengths = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
+        self.longest = max(map(len, lengths), default=0) + self.max_new_tokens
+
+    def due(self, step: int) -> bool:
+        return bool(self.sets) and step % self.cfg.eval_every == 0
+
+    def __call__(self, step: int, sampler) -> dict:
+        """Evaluate; returns {set name: accuracy} for the progress bar."""
+        run, cfg = self.run, self.cfg
+        decoding = Decoding(cfg.generate_batch_size, self.max_new_tokens)
+        accuracy = {}
+        for name, records in self.sets.items():
+            started = time.time()
+            mine = list(range(run.rank, len(records), run.world))  # this rank's share
+            preds = predict(sampler, self.tokenizer, [records[i] for i in mine], cfg.prompt_style,
+                            decoding, desc=f"eval {name}")
+            shares = distributed.all_gather_objects(list(zip(mine, preds)))
+            every = [pred for _, pred in sorted(p for share in shares for p in share)]
+            result = metrics(every, cfg.seed)
+            accuracy[name] = result["accuracy"]
+            if run.rank == 0:
+                line = {"step": step, "data": name, **result,
+                        "seconds": round(time.time() - started, 1)}
+                with open(run.out / "eval.jsonl", "a") as f:
+                    f.write(common.json_line(line))
+                run.tracker.log(line, step, prefix=f"eval/{name}/")
+        return accuracy
 
 
 # --------------------------------------------------------------------------------------------------
@@ -471,8 +547,10 @@ def parse_args(argv=None):
                         help="0: greedy decoding (the default); > 0: sampling at this temperature")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
-    parser.add_argument("--engine", default="fast", choices=["fast", "plain"],
-                        help="fast: engine.generate | plain: rollout.generate (the same tokens)")
+    parser.add_argument("--engine", default="auto", choices=samplers.ENGINES,
+                        help="samplers.py: plain (rollout.generate, the teaching core) | dynamic "
+                             "| static (engine.Engine: the CPU's / the GPU's paths) | auto: "
+                             "static on CUDA, dynamic elsewhere (the same tokens)")
     parser.add_argument("--compare", nargs="+", metavar="DIR",
                         help="print the side-by-side table of these eval folders")
     parser.add_argument("--plot",
@@ -506,10 +584,12 @@ def main(argv=None) -> None:
     run_start = time.time()
     args.model_path = resolve_model(args.model)
     try:
-        policy, tokenizer = load_policy(args.model_path, dtype=args.dtype, device=args.device)
+        policy, tokenizer = load_model(args.model_path, args.dtype, args.device)
     except ValueError as error:  # e.g. a folder whose weights are a pickle: one line, not a trace
         raise SystemExit(f"error: {error}") from None
     policy.eval()
+    # the weights as loaded, in their own dtype: the engine reads them, no copy
+    sampler = samplers.make_sampler(args.engine, policy, policy.dtype, False, args.batch_size, 1)
     config = {key: value for key, value in vars(args).items() if key not in ("compare", "plot")}
     results = {"config": {**config, "bootstrap_resamples": BOOTSTRAP_RESAMPLES}, "sets": {}}
     with open(out_dir / "predictions.jsonl", "w") as predictions_file:
@@ -519,11 +599,9 @@ def main(argv=None) -> None:
             except data.DataError as error:
                 sys.exit(f"eval.py: {error}")
             set_start = time.time()
-            preds = predict(policy, tokenizer, records, args.prompt, args.batch_size,
-                            args.max_new_tokens, args.device, desc=name,
-                            generate=engine.generate if args.engine == "fast" else rollout.generate,
-                            num_samples=args.num_samples, temperature=args.temperature,
-                            seed=args.seed)
+            decoding = Decoding(args.batch_size, args.max_new_tokens, args.num_samples,
+                                args.temperature, args.seed)
+            preds = predict(sampler, tokenizer, records, args.prompt, decoding, desc=name)
             for pred in preds:
                 predictions_file.write(json.dumps({"data": name, **pred}) + "\n")
             results["sets"][name] = {**summarize(preds, args.seed, args.num_samples),

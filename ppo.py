@@ -133,8 +133,10 @@ def varied_groups(scores, n):
 
 def overlong_penalty(lengths, max_len, buffer, factor=1.0):
     """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to the score: 0 up to
-    max_len - buffer tokens, then falling linearly to -factor at max_len (and beyond).
-    lengths: [B] response tokens. Returns [B]."""
+    max_len - buffer tokens, then falling linearly to -factor at max_len (and beyond); no buffer,
+    no punishment. lengths: [B] response tokens. Returns [B]."""
+    if buffer == 0:
+        return torch.zeros(lengths.shape, device=lengths.device)
     allowed = max_len - buffer
     excess = (lengths.float() - allowed).clamp(min=0)  # [B]
     return -factor * (excess / buffer).clamp(max=1.0)

@@ -54,6 +54,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 @dataclass
 class Rollout:
     sequences: torch.Tensor  # [B, P+T] long: left-padded prompt, then the response right-padded
+    attention_mask: torch.Tensor  # [B, P+T] long: 1 on the real prompt and response tokens
     response_mask: torch.Tensor  # [B, T] long: 1 up to and including the token that ended the row
     logprobs: torch.Tensor  # [B, T] float32: log-prob of each sampled token (0 where the mask is 0)
     finish_reason: list[str]  # per row: "eos" | "stop" | "length"
@@ -160,7 +161,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_n
         logits = decoder_forward(model, tokens[:, None], next_position[:, None], live_cache, P + t,
                                  mask)  # [b, V]
         next_position = next_position + 1
-    return out.rollout(input_ids)
+    return out.rollout(input_ids, attention_mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -316,13 +317,14 @@ class Outputs:
         self.tokens[rows, t] = tokens
         self.logprobs[rows, t] = logps
 
-    def rollout(self, input_ids: torch.Tensor) -> Rollout:
+    def rollout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Rollout:
         T = int(self.lengths.max())  # the longest response
         response_mask = (torch.arange(T)[None, :] < self.lengths[:, None]).long()  # [B, T]
         response_mask = response_mask.to(input_ids.device)
         tokens = self.tokens[:, :T].masked_fill(response_mask == 0, self.pad_token_id)  # [B, T]
-        return Rollout(sequences=torch.cat([input_ids, tokens], dim=1), response_mask=response_mask,
-                       logprobs=self.logprobs[:, :T] * response_mask,
+        return Rollout(sequences=torch.cat([input_ids, tokens], dim=1),
+                       attention_mask=torch.cat([attention_mask.long(), response_mask], dim=1),
+                       response_mask=response_mask, logprobs=self.logprobs[:, :T] * response_mask,
                        finish_reason=self.finish_reason)
 
 

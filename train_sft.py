@@ -26,8 +26,10 @@ import checkpoint
 import common
 import data
 import distributed
-from common import arg, autocast
-from model import count_parameters, layer_modules, load_policy, position_ids_from_mask
+import experience
+import roles
+from common import arg
+from model import count_parameters, position_ids_from_mask
 
 # What follows the prompt before the letter: "Answer:" wants a space, a chat assistant turn none.
 TARGET_PREFIX = {"direct": " ", "direct_chat": ""}
@@ -56,6 +58,7 @@ class Config(common.RunFlags):
     min_lr_ratio: float = arg(0.1, "cosine decay to this share of the peak (OpenRLHF 0.1)")
     weight_decay: float = arg(0.0, "AdamW weight decay (OpenRLHF l2 0)")
     max_grad_norm: float = arg(1.0, "gradient clipping (OpenRLHF max_norm 1.0); 0: off")
+    compile: bool = arg(False, "torch.compile each decoder layer (flex.compile_decoder_layers)")
     # --- the run (common.RunFlags holds the rest)
     out_dir: str = arg("runs/sft", "metrics.jsonl, config.json and checkpoints/ go here")
     save_every: int = arg(100, "checkpoint every N steps (and at the end)")
@@ -109,7 +112,7 @@ def load_examples(cfg: Config, tokenizer, log) -> list:
     exactly the token sequence that greedy decoding after that prompt has to produce."""
     if tokenizer.eos_token_id is None:
         raise SystemExit(f"{cfg.model}: the tokenizer has no EOS token to end the answer with")
-    records, _, ids, attn = common.training_prompts(cfg, tokenizer, log)  # [n, P] left padded
+    records, _, ids, attn = experience.training_prompts(cfg, tokenizer, log)  # [n, P] padded
     prefix = TARGET_PREFIX[cfg.prompt_style]
     examples = []
     for row, record in enumerate(records):
@@ -171,7 +174,18 @@ def target_logprobs(model, ids, attn, T):
     return logp, logits.argmax(-1) == targets  # [B, T], [B, T]
 
 
-def train_step(cfg: Config, batch, policy, optimizer, scheduler, pad_id, world, device) -> dict:
+@dataclass
+class Trainee:
+    """What an SFT step updates: the model its forwards run, the parameters trained (every weight,
+    or LoRA adapters), their AdamW and its schedule, and the pad id of the batches."""
+    policy: torch.nn.Module
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    pad_id: int
+
+
+def train_step(cfg: Config, batch, trainee: Trainee, run) -> dict:
     """Loss = -sum of log pi(target token) / (target tokens of the GLOBAL batch), backpropagated x
     world because FSDP averages gradients over ranks: the gradient is the global batch's token-mean
     loss whatever the number of ranks and micro-batches (as train_ppo's minibatches)."""
@@ -180,22 +194,22 @@ def train_step(cfg: Config, batch, policy, optimizer, scheduler, pad_id, world, 
     batch = sorted(batch, key=lambda e: len(e["prompt"]))  # similar lengths together: less padding
     for s in range(0, len(batch), cfg.micro_batch_size):
         micro = batch[s:s + cfg.micro_batch_size]
-        ids, attn, mask = (x.to(device) for x in make_batch(micro, pad_id))
-        with autocast(cfg, device):
-            logp, hit = target_logprobs(policy, ids, attn, mask.shape[1])  # [b, T], [b, T]
+        ids, attn, mask = (x.to(run.device) for x in make_batch(micro, trainee.pad_id))
+        with distributed.autocast(cfg.dtype, run.device):
+            logp, hit = target_logprobs(trainee.policy, ids, attn, mask.shape[1])  # [b, T] x2
         nll = -(logp * mask).sum()  # cross-entropy summed over this micro-batch's target tokens
-        (nll / n_tokens * world).backward()
+        (nll / n_tokens * run.world).backward()
         letter = mask * (mask.cumsum(1) < mask.sum(1, keepdim=True))  # [b, T] the target, no EOS
         sums["nll"] += nll.item()
         sums["token_hits"] += (hit * mask).sum().item()
         # greedy decoding writes " X" exactly
         sums["letter_hits"] += (hit | (letter == 0)).all(1).sum().item()
         sums["tokens"] += attn.sum().item()
-    norm = distributed.grad_norm_and_clip(policy, cfg.max_grad_norm)
+    norm = distributed.grad_norm_and_clip(trainee.params, cfg.max_grad_norm)
     if math.isfinite(norm):  # never step on a non-finite gradient
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
+        trainee.optimizer.step()
+    trainee.optimizer.zero_grad(set_to_none=True)
+    trainee.scheduler.step()
     total = distributed.all_reduce_dict(sums)
     metrics = {"loss": total["nll"] / n_tokens, "letter_acc": total["letter_hits"] / total["rows"],
                "token_acc": total["token_hits"] / n_tokens, "grad_norm": norm,
@@ -211,37 +225,32 @@ def train_step(cfg: Config, batch, policy, optimizer, scheduler, pad_id, world, 
 def main(argv=None):
     cfg = parse_config(argv)
     run = common.start_run(cfg, check_config)
-    # fp32 master weights (bf16 compute by autocast or FSDP's mixed precision), sharded under
-    # torchrun
-    amp = cfg.dtype == "bfloat16" and run.device.type == "cuda"
-    source = str(run.resume_from / "policy") if run.resume_from else cfg.model
-    policy, tokenizer = load_policy(source, dtype="float32", device=run.device,
-                                    gradient_checkpointing=cfg.gradient_checkpointing)
-    distributed.shard(policy, layer_modules(policy), mixed_precision=amp)
-    policy.train()
-
+    # fp32 master weights (bf16 compute by autocast or FSDP's mixed precision), or LoRA adapters on
+    # a frozen base in the compute dtype; sharded under torchrun
+    policy, tokenizer, trained = roles.load_sft(cfg, run)
     examples = load_examples(cfg, tokenizer, run.log)
     total_steps = cfg.max_steps or max(1, cfg.num_epochs * len(examples) // cfg.train_batch_size)
-    optimizer, scheduler = common.adamw(policy, cfg.lr, cfg, total_steps)
-    models, optimizers = {"policy": policy}, {"policy": optimizer}  # checkpoint.py's names
-    schedulers = {"policy": scheduler}
+    optimizer, scheduler = common.adamw(trained["policy"].params, cfg.lr, cfg, total_steps)
+    trainee = Trainee(policy, trained["policy"].params, optimizer, scheduler,
+                      tokenizer.pad_token_id)
+    optimizers, schedulers = {"policy": optimizer}, {"policy": scheduler}  # checkpoint.py's names
     start = 1
     if run.resume_from:
-        state = checkpoint.load_training(run.resume_from, models, optimizers, schedulers)
+        state = checkpoint.load_training(run.resume_from, trained, optimizers, schedulers)
         start = state["step"] + 1
     common.prepare_out_dir(run, start, ["metrics.jsonl"])
     first = examples[0]
-    run.log(f"{cfg.preset}: {count_parameters(policy) / 1e6:.1f}M-parameter model on {run.world} x "
+    run.log(f"{cfg.preset}: {count_parameters(policy) / 1e6:.1f}M-parameter model "
+            f"({sum(p.numel() for p in trainee.params) / 1e6:.2f}M trained) on {run.world} x "
             f"{run.device.type}, {len(examples)} questions, {total_steps} steps of "
             f"{cfg.train_batch_size}; first target {tokenizer.decode(first['target'])!r} = "
             f"{len(first['target'])} tokens {first['target']}")
-    loop = common.StepLoop(run, start, total_steps, models, optimizers, schedulers, tokenizer,
+    loop = common.StepLoop(run, start, total_steps, trained, optimizers, schedulers, tokenizer,
                            "losses or gradients", "lower --lr, then --resume.")
     for step in loop:
         lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
         batch = [examples[i] for i in step_rows(cfg, len(examples), step, run.rank, run.world)]
-        step_metrics = train_step(cfg, batch, policy, optimizer, scheduler, tokenizer.pad_token_id,
-                                  run.world, run.device)
+        step_metrics = train_step(cfg, batch, trainee, run)
         epoch = round(step * cfg.train_batch_size / len(examples), 4)
         metrics = {"step": step, "epoch": epoch, **step_metrics, "lr": lr}
         postfix = {"loss": f"{metrics['loss']:.3f}", "acc": f"{metrics['letter_acc']:.2f}",

@@ -11,6 +11,7 @@ import torch
 
 import checkpoint
 import model_zoo
+import roles
 
 
 def tiny_training_state():
@@ -19,7 +20,8 @@ def tiny_training_state():
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     policy(torch.tensor([[1, 2, 3]])).logits.sum().backward()
     optimizer.step()
-    return {"policy": policy}, {"policy": optimizer}, {"policy": scheduler}, tokenizer
+    trained = {"policy": roles.Trained(policy, list(policy.parameters()))}
+    return trained, {"policy": optimizer}, {"policy": scheduler}, tokenizer
 
 
 def save(root, step, state):
@@ -32,7 +34,7 @@ def test_nonfinite_weights_are_never_written(tmp_path):
     state = tiny_training_state()
     save(tmp_path, 1, state)
     with torch.no_grad():
-        next(state[0]["policy"].parameters())[0, 0] = float("inf")
+        next(state[0]["policy"].module.parameters())[0, 0] = float("inf")
     with pytest.raises(checkpoint.CheckpointError,
                        match="step 2: the weights hold NaN or inf; refusing"):
         save(tmp_path, 2, state)

@@ -88,7 +88,7 @@ assert (rank, world, device.type) == (0, 1, "cpu")
 assert distributed.all_reduce_dict({"x": 2.0}) == {"x": 2.0}
 model = torch.nn.Linear(3, 1)
 model(torch.ones(2, 3)).sum().backward()
-assert distributed.grad_norm_and_clip(model, 1.0) > 0
+assert distributed.grad_norm_and_clip(list(model.parameters()), 1.0) > 0
 print("OK")
 """),
     "dynamics.py": (["data.py", "verifier.py"], """

@@ -17,6 +17,8 @@ from conftest import ROOT
 import common
 import distributed
 import experience
+import roles
+import samplers
 import train_ppo
 from model import layer_modules, load_critic
 from model_zoo import load_tiny
@@ -24,7 +26,7 @@ from model_zoo import load_tiny
 LENGTHS = [3, 1, 5, 2, 4, 5, 2, 3]  # ragged responses: rows end at different tokens
 SCORES = [1.0, -1.0, 0.0, 1.0, -1.0, -1.0, -1.0, 0.0]  # two groups of 4 (the second not all alike)
 P, T, N = 3, 5, 8
-OPTIMIZER_STEP = train_ppo.optimizer_step  # the real one, whatever a test replaced it with
+OPTIMIZER_STEP = train_ppo.step7.optimizer_step  # the real one, whatever a test replaced
 
 
 def synthetic_rows(seed=0):
@@ -45,33 +47,38 @@ def synthetic_rows(seed=0):
 
 class SyntheticSteps:
     """Stands in for the module `experience` inside ppo_step: steps 1-4 hand out `rows` (of this
-    rank: `rows_of_rank`), and the experience ppo_step filled is kept for the test to read."""
+    rank: `rows_of_rank`), and the Experience ppo_step builds is kept for the test to read; the
+    rest is experience.py's own."""
 
     def __init__(self, rows, rank_rows=slice(None)):
         self.rows, self.mine, self.exp = rows, rank_rows, None
 
-    def step_prompts(self, cfg, questions, step, rank, world):
+    def __getattr__(self, name):
+        return getattr(experience, name)
+
+    def step_prompts(self, questions, batching, step, rank, world):
         return None
 
-    def sample_responses(self, cfg, models, prompts, step):
-        r, mine = self.rows, self.mine
-        self.exp = experience.Experience(sequences=r["sequences"][mine],
-                                         attention_mask=r["attention_mask"][mine],
-                                         mask=r["mask"][mine], sampler_logprobs=r["sampler"][mine],
-                                         finish_reason=["eos"] * len(r["mask"][mine]))
-        return self.exp
+    def sample_responses(self, sampler, tokenizer, prompts, sampling, step):
+        return None
 
-    def score_responses(self, cfg, tokenizer, prompts, exp, step):
-        scores = self.rows["scores"][self.mine]
-        samples = [{"reward": s, "correct": s > 0, "format_ok": s >= 0, "pred": "A",
+    def score_responses(self, rolled, prompts, sampling, scoring, tokenizer, step):
+        r, mine = self.rows, self.mine
+        scores = r["scores"][mine]
+        records = [{"reward": s, "correct": s > 0, "format_ok": s >= 0, "pred": "A",
                     "template_copy": False, "answer_in_think": False,
                     "reasoning_outside_think": False, "response": "", "finish_reason": "eos"}
                    for s in scores.tolist()]
-        return scores, samples
+        return experience.Samples(r["sequences"][mine], r["attention_mask"][mine], r["mask"][mine],
+                                  r["sampler"][mine], scores, records)
 
-    def reference_and_critic(self, cfg, models, exp, timer):
+    def reference_and_critic(self, models, samples, forwarding, timer):
         r, mine = self.rows, self.mine
-        return r["train"][mine], r["reference"][mine], r["values"][mine]
+        return experience.Forwards(r["train"][mine], r["reference"][mine], r["values"][mine])
+
+    def Experience(self, *fields):
+        self.exp = experience.Experience(*fields)
+        return self.exp
 
 
 def config(*flags):
@@ -85,30 +92,34 @@ def config(*flags):
 def tiny_models(cfg):
     policy, tokenizer = load_tiny("qwen2", seed=3)
     critic = load_critic(policy) if cfg.advantage == "gae" else None
-    models = train_ppo.Models(policy, None, critic, tokenizer, torch.device("cpu"))
-    for m in models.trained().values():
-        distributed.shard(m, layer_modules(m), mixed_precision=False)  # FSDP2 under torchrun only
-        m.train()
+    trained = {}
+    for name, m in (("policy", policy), ("critic", critic)):
+        if m is not None:
+            distributed.shard(m, layer_modules(m), mixed_precision=False)  # under torchrun only
+            m.train()
+            trained[name] = roles.Trained(m, list(m.parameters()))
+    models = roles.Models(policy, None, critic, tokenizer, torch.device("cpu"), trained,
+                          sampler=samplers.Plain(policy, torch.float32))
     train_ppo.add_optimizers(cfg, models, total_steps=1)
     return models
 
 
 def run_step(cfg, rows, monkeypatch, rank=0, world=1, kl_coef=None, rank_rows=slice(None)):
-    """One ppo_step on the synthetic rows; returns its metrics, the experience it filled, and the
+    """One ppo_step on the synthetic rows; returns its metrics, the experience it built, and the
     gradient of every trained parameter just before the optimizer step."""
     steps = SyntheticSteps(rows, rank_rows)
     monkeypatch.setattr(train_ppo, "experience", steps)
     grads = {}
 
     def keep_gradients(cfg, models, update):
-        for name, m in models.trained().items():
-            for key, p in m.named_parameters():
+        for name, item in models.trained.items():
+            for key, p in item.module.named_parameters():
                 if p.grad is not None:
                     full = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
                     grads[f"{name}.{key}"] = full.detach().clone()
         OPTIMIZER_STEP(cfg, models, update)
 
-    monkeypatch.setattr(train_ppo, "optimizer_step", keep_gradients)
+    monkeypatch.setattr(train_ppo.step7, "optimizer_step", keep_gradients)
     models = tiny_models(cfg)
     run = common.Run(cfg, rank, world, torch.device("cpu"), ROOT / "runs" / "unused", None)
     timer = common.PhaseTimer(run.device, train_ppo.PHASES)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import ROOT, trainer_command
 
+import common
 import data
 import model_zoo
 import rollout
@@ -136,8 +137,10 @@ def test_micro_batching_does_not_change_the_loss_or_the_gradient():
         cfg = train_sft.parse_config(["--preset", "smoke", "--micro_batch_size", str(micro)])
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
-        stats[micro] = train_sft.train_step(cfg, batch, model.train(), optimizer, scheduler,
-                                            tok.pad_token_id, 1, torch.device("cpu"))
+        trainee = train_sft.Trainee(model.train(), list(model.parameters()), optimizer, scheduler,
+                                    tok.pad_token_id)
+        run = common.Run(cfg, 0, 1, torch.device("cpu"), None, None)
+        stats[micro] = train_sft.train_step(cfg, batch, trainee, run)
     for micro in (4, 6):
         for k in ("loss", "grad_norm", "token_acc", "letter_acc"):
             assert stats[micro][k] == pytest.approx(stats[1][k], rel=1e-5), k

@@ -51,13 +51,28 @@ def test_no_test_hooks_in_the_training_path():
 def test_the_formulas_are_one_jump_from_the_step_and_decoding_two():
     """The reader's path: ppo_step calls ppo.py's formulas itself (where -beta * KL enters the
     rewards, GAE, whitening, the clipped surrogate, the value loss); it samples through one helper
-    that calls rollout.generate, whose loop runs the KV-cache decode step."""
+    that calls the run's sampler, whose teaching core (samplers.Plain) is rollout.generate, whose
+    loop runs the KV-cache decode step."""
     step_calls = calls_in(function("train_ppo.py", "ppo_step"))
     for formula in ("kl_penalty", "token_rewards", "gae", "whiten", "policy_loss", "value_loss"):
         assert f"ppo.{formula}" in step_calls, formula
     assert "experience.sample_responses" in step_calls
     sampler = ast.unparse(function("experience.py", "sample_responses"))
-    assert "rollout.generate" in sampler
+    assert "sampler.generate" in sampler
+    plain = ast.unparse(function("samplers.py", "generate"))
+    assert "rollout.generate" in plain
     generate = function("rollout.py", "generate")
     loops = [n for n in ast.walk(generate) if isinstance(n, ast.For)]
     assert any("decoder_forward" in calls_in(loop) for loop in loops)
+
+
+def test_records_are_built_once():
+    """What a step samples and scores, and what its update learns from, are frozen dataclasses:
+    built in one call, never filled in field by field."""
+    import dataclasses
+
+    import experience
+    for record in (experience.Samples, experience.Experience, experience.Forwards):
+        assert record.__dataclass_params__.frozen, record
+        fields = dataclasses.fields(record)
+        assert all(f.default is dataclasses.MISSING for f in fields), record

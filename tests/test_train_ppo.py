@@ -70,7 +70,15 @@ def test_bad_settings_stop_at_once_naming_the_flag(capsys):
               "--n_samples_per_prompt must be >= 2"),
              (["--preset", "smoke", "--micro_batch_size", "3"], "--micro_batch_size 3 must divide"),
              (["--preset", "smoke", "--kl_estimator", "k9"], "--kl_estimator 'k9'"),
-             (["--preset", "smoke", "--engine", "vllm"], "--engine 'vllm': choose fast or plain"))
+             (["--preset", "smoke", "--engine", "vllm"],
+              "--engine 'vllm': choose one of auto, plain, dynamic, static"),
+             (["--preset", "smoke", "--lora_rank", "-1"], "--lora_rank -1: must be >= 0"),
+             (["--preset", "smoke", "--lora_rank", "2", "--lora_alpha", "0"],
+              "--lora_alpha 0.0: must be > 0"),
+             (["--preset", "smoke", "--lora_rank", "2", "--lora_targets", "q_proj,c_attn"],
+              "--lora_targets 'q_proj,c_attn': unknown ['c_attn']"),
+             (["--preset", "smoke", "--engine", "plain", "--compile_decode", "true"],
+              "--compile_decode compiles the static decode step"))
     for argv, words in cases:
         with pytest.raises(SystemExit) as e:
             train_ppo.parse_config(argv)
@@ -107,15 +115,16 @@ def test_help_lists_the_trainers_own_flags_first(capsys):
 def test_each_rank_gets_its_slice_of_every_minibatch():
     cfg = train_ppo.parse_config(["--preset", "smoke", "--rollout_batch_size", "8",
                                   "--n_samples_per_prompt", "2", "--train_batch_size", "8"])
+    batching = train_ppo.batching(cfg)
     indices = train_ppo.experience.step_prompt_indices
-    one_rank = indices(cfg, 20, 3, 0, 1)
-    two_ranks = [indices(cfg, 20, 3, r, 2) for r in (0, 1)]
+    one_rank = indices(batching, 20, 3, 0, 1)
+    two_ranks = [indices(batching, 20, 3, r, 2) for r in (0, 1)]
     # minibatch k (4 prompts) = the same prompts whether one rank holds them or two ranks hold 2
     for k in range(2):
         held_by_two = two_ranks[0][2 * k:2 * k + 2] + two_ranks[1][2 * k:2 * k + 2]
         assert sorted(one_rank[4 * k:4 * k + 4]) == sorted(held_by_two)
     # steps walk through a seeded permutation of the data, a new one each epoch
-    seen = [i for s in range(1, 6) for _, i in indices(cfg, 20, s, 0, 1)]
+    seen = [i for s in range(1, 6) for _, i in indices(batching, 20, s, 0, 1)]
     assert sorted(seen[:20]) == list(range(20)) and sorted(seen[20:40]) == list(range(20))
 
 
