@@ -91,6 +91,12 @@ class Models:
     schedulers: dict = field(default_factory=dict)  # the same names -> its LambdaLR
 
 
+def base_name(cfg) -> str:
+    """What a saved adapter names as its base: --model, a local folder made absolute (so that the
+    run's adapters load from anywhere)."""
+    return str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
+
+
 def needs_reference(cfg) -> bool:
     """A KL to the reference anywhere: in the reward, in the loss, or an adaptive beta's target."""
     return cfg.kl_coef > 0
@@ -99,6 +105,7 @@ def needs_reference(cfg) -> bool:
 def load(cfg, run) -> Models:
     """The run's roles (from the checkpoint when resuming), each sharded with FSDP2 under
     torchrun, mixed precision when --dtype bfloat16."""
+    check_resumed_kind(cfg, run.resume_from)
     if cfg.lora_rank:
         return load_lora(cfg, run)
     amp = cfg.dtype == "bfloat16"
@@ -126,6 +133,21 @@ def load(cfg, run) -> Models:
     for item in trained.values():
         item.module.train()  # no dropout in these models: train() turns checkpointing on
     return Models(policy, reference, critic, tokenizer, run.device, trained)
+
+
+def check_resumed_kind(cfg, checkpoint: Path | None) -> None:
+    """A checkpoint of the other kind (LoRA adapters for a full fine-tuning run, or whole models for
+    a LoRA run) stops the run as a bad --lora_rank, before anything is loaded from it."""
+    if checkpoint is None:
+        return
+    holds_adapters = (checkpoint / "policy" / "adapter_config.json").is_file()
+    if holds_adapters and not cfg.lora_rank:
+        raise common.BadFlag(f"--lora_rank 0: {checkpoint / 'policy'} holds LoRA adapters; resume "
+                             f"with the --lora_rank, --lora_alpha and --lora_targets it was "
+                             f"trained with")
+    if cfg.lora_rank and not holds_adapters:
+        raise common.BadFlag(f"--lora_rank {cfg.lora_rank}: {checkpoint / 'policy'} holds a whole "
+                             f"model, not LoRA adapters; resume it with --lora_rank 0")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,16 +239,17 @@ def load_lora(cfg, run) -> Models:
     base.train()  # gradient checkpointing; the frozen base has no dropout either
     # after sharding: FSDP2 replaces each parameter by its shard
     trained = {"policy": Trained(base, lora.adapter_parameters(base, "policy"), "policy",
-                                 base_name=cfg.model)}
+                                 base_name=base_name(cfg))}
     if with_critic:
         trained["critic"] = Trained(critic, lora.adapter_parameters(base, "critic") +
-                                    [head.weight], "critic", head, base_name=cfg.model)
+                                    [head.weight], "critic", head, base_name=base_name(cfg))
     return Models(policy, reference, critic, tokenizer, run.device, trained, base=base)
 
 
 def load_sft(cfg, run):
     """train_sft.py's one role, the policy: (the module its forwards run, tokenizer, `trained` for
     the optimizer and the checkpoints): every weight, or LoRA adapters on a frozen base."""
+    check_resumed_kind(cfg, run.resume_from)
     if cfg.lora_rank:
         policy, tokenizer = lora_base(cfg, run, ("policy",))
     else:
@@ -239,7 +262,7 @@ def load_sft(cfg, run):
     # after sharding: FSDP2 replaces each parameter by its shard
     if cfg.lora_rank:
         item = Trained(policy, lora.adapter_parameters(policy, "policy"), "policy",
-                       base_name=cfg.model)
+                       base_name=base_name(cfg))
     else:
         item = Trained(policy, list(policy.parameters()))
     return policy, tokenizer, {"policy": item}
@@ -251,12 +274,12 @@ def load_adapter(base, name: str, folder: Path, head: nn.Module | None = None) -
     folder = Path(folder)
     saved = lora.config_from_peft(read_json(folder / "adapter_config.json"),
                                   source=folder / "adapter_config.json")
-    if saved != base.lora_config:
-        raise ValueError(f"{folder / 'adapter_config.json'}: saved with rank {saved.rank}, alpha "
-                         f"{saved.alpha}, targets {','.join(saved.targets)}; this run has "
-                         f"--lora_rank {base.lora_config.rank} --lora_alpha "
-                         f"{base.lora_config.alpha} --lora_targets "
-                         f"{','.join(base.lora_config.targets)}")
+    if saved != base.lora_config:  # resumed with other --lora_* flags than it was trained with
+        raise common.BadFlag(f"{folder / 'adapter_config.json'}: saved with rank {saved.rank}, "
+                             f"alpha {saved.alpha}, targets {','.join(saved.targets)}; this run "
+                             f"has --lora_rank {base.lora_config.rank} --lora_alpha "
+                             f"{base.lora_config.alpha} --lora_targets "
+                             f"{','.join(base.lora_config.targets)}")
     tensors = load_file(folder / "adapter_model.safetensors")
     lora.load_peft_state_dict(base, name, tensors, source=folder / "adapter_model.safetensors")
     if head is not None:

@@ -452,6 +452,8 @@ def add_optimizers(cfg: Config, models: roles.Models, total_steps: int):
 def add_sampler(cfg: Config, models: roles.Models, longest: int):
     """The run's sampler (--engine), sized for its longest generate call: `longest` tokens."""
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    # with LoRA the shared base: outside a role's forward its active adapter is the policy's
+    # (lora.add_adapters makes the first name active), which the plain sampler runs token by token
     policy = models.base if models.base is not None else models.policy
     models.sampler = samplers.make_sampler(cfg.engine, policy, dtype,
                                            roles.sampler_owns_weights(cfg),

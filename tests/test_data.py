@@ -427,7 +427,7 @@ def test_tokenize_prompts_left_pads_and_returns_the_skipped(char_tokenizer, capl
         ids, mask, kept, skipped = data.tokenize_prompts(char_tokenizer, prompts,
                                                          max_prompt_tokens=5)
     assert (kept, skipped) == ([0, 1, 3], [2])
-    # The caller reports the skipped prompts in its run's log (common.training_prompts), once:
+    # The caller reports the skipped prompts in its run's log (experience.training_prompts), once:
     # tokenize_prompts logs nothing of its own.
     assert caplog.records == []
     # [B, P]: BOS + 4 characters.

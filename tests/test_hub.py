@@ -458,10 +458,10 @@ def demo_keeps(cfg, tokenizer, train_data: str, data_dir: str = "") -> tuple[lis
     lines it logs about the prompts it leaves out."""
     import dataclasses
 
-    import common
+    import experience
     logged = []
     demo = dataclasses.replace(cfg, train_data=train_data, data_dir=data_dir)
-    records, _, ids, _ = common.training_prompts(demo, tokenizer, logged.append)
+    records, _, ids, _ = experience.training_prompts(demo, tokenizer, logged.append)
     assert ids.shape[1] <= cfg.max_prompt_tokens == 360
     return records, logged
 

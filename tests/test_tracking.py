@@ -254,7 +254,9 @@ def expected_of(out, script) -> dict:
     assert sorted(rows) == ([0, 1, 2] if script == "train_ppo.py" else [1, 2])
     if script == "train_ppo.py":  # held-out evaluation at steps 0 and 2, of both sets
         assert {"eval/medqa_dev/accuracy", "eval/medqa_test/accuracy"} <= set(rows[2])
-        assert {"reward", "policy_loss", "explained_variance"} <= set(rows[1])
+        assert {"reward", "policy_loss"} <= set(rows[1])
+        # undefined (the returns did not vary): null in metrics.jsonl, so no point on a curve
+        assert all("explained_variance" in line for line in jsonl(out / "metrics.jsonl"))
     else:
         assert {"loss", "letter_acc", "lr", "epoch"} <= set(rows[1])
     return rows
