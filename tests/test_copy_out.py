@@ -58,7 +58,7 @@ expected = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tok
 assert torch.equal(out.sequences, expected), (out.sequences, expected)
 print("OK")
 """),
-    "engine.py": (["rollout.py", "static_decode.py"], TINY_QWEN2 + """
+    "engine.py": (["rollout.py", "static_decode.py", "engine_forward.py"], TINY_QWEN2 + """
 import engine, rollout
 noise = torch.rand(3, 6)
 plain = rollout.generate(model, ids, mask, 6, eos_token_id=[], uniforms=noise)

@@ -11,6 +11,7 @@ from test_rollout import PROMPTS, encode, full_forward_logprobs, pick_eos, tiny
 from transformers import AutoModelForCausalLM, Qwen3Config
 
 import engine
+import engine_forward
 import rollout
 from model import token_logprobs
 from model_zoo import build_char_tokenizer
@@ -94,13 +95,13 @@ def test_per_row_decode_attention_is_exact(monkeypatch):
     logprobs."""
     monkeypatch.setattr(engine, "PER_ROW_MIN_NUMBERS", 0)  # take it even for a tiny model
     used = []
-    attend = engine.attend
+    attend = engine_forward.attend
 
     def spy(q, k, v, mask, scale):
         used.append(isinstance(mask, list))
         return attend(q, k, v, mask, scale)
 
-    monkeypatch.setattr(engine, "attend", spy)
+    monkeypatch.setattr(engine_forward, "attend", spy)
     model, tok = tiny("llama")
     ids, am = encode(tok)  # prompt lengths 1 .. 52: most of the batch's slots are padding
     model.generation_config.eos_token_id = None
@@ -123,13 +124,13 @@ def test_padded_prefill_equals_grouped_prefill(arch, monkeypatch):
     """prefill="padded" (one forward over the left-padded prompts, the GPU's path) fills the same
     cache as the grouped one: greedy tokens equal transformers' generate."""
     padded_calls = []
-    inner = engine.prefill_padded
+    inner = engine_forward.prefill_padded
 
     def spy(*args):
         padded_calls.append(1)
         return inner(*args)
 
-    monkeypatch.setattr(engine, "prefill_padded", spy)
+    monkeypatch.setattr(engine_forward, "prefill_padded", spy)
     model, tok = tiny(arch)
     ids, am = encode(tok, PROMPTS + PROMPTS[:2])  # lengths 1 .. 52, two prompts repeated (run once)
     model.generation_config.eos_token_id = None
@@ -157,7 +158,7 @@ def test_decode_attention_accepts_any_output_layout(monkeypatch):
     ids, am = encode(tok)
     model.generation_config.eos_token_id = None
     expected = engine.generate(model, ids, am, 12, temperature=0, eos_token_id=[])
-    monkeypatch.setattr(engine.F, "scaled_dot_product_attention", strided_sdpa)
+    monkeypatch.setattr(engine_forward.F, "scaled_dot_product_attention", strided_sdpa)
     out = engine.generate(model, ids, am, 12, temperature=0, eos_token_id=[])
     assert torch.equal(out.sequences, expected.sequences)
 
