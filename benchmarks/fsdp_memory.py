@@ -62,6 +62,9 @@ def main():
     every = all_gather_objects(out)
     if rank == 0:
         print("BENCH_FSDP " + json.dumps({"world": world, "ranks": every}), flush=True)
+    # every rank past the last collective before any tears the group down: gloo aborts a rank
+    # whose peer left while it was still finishing one
+    torch.distributed.barrier()
     cleanup()
 
 
