@@ -506,7 +506,7 @@ def tokenize_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int | Non
     """Token ids of `prompts`, LEFT padded (generation appends on the right, so every row's last
     prompt token sits in the same column). Prompts longer than max_prompt_tokens are left out,
     never cut: a cut question is a different question. Their indices come back in `skipped` for
-    the caller to report (common.training_prompts logs the count in the run's log).
+    the caller to report (experience.training_prompts logs the count in the run's log).
 
     Returns (input_ids [B, P] long, attention_mask [B, P] long, kept: list[int],
     skipped: list[int])."""

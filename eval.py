@@ -335,6 +335,12 @@ def predict(sampler, tokenizer, records: list[dict], style: str, decoding: Decod
     return preds
 
 
+def longest_prompt(tokenizer, sets: dict, style: str) -> int:
+    """Tokens of the longest prompt of every set ({name: records}): what a sampler is sized for."""
+    prompts = [data.build_prompt(r, style, tokenizer) for records in sets.values() for r in records]
+    return data.tokenize_prompts(tokenizer, prompts, None)[0].shape[1]  # as predict tokenizes
+
+
 # --------------------------------------------------------------------------------------------------
 # During training
 
@@ -355,10 +361,7 @@ class HeldOutEval:
                 records = sources.load_dataset(name, cfg.data_dir or None)
                 self.sets[name] = records[:cfg.eval_limit] if cfg.eval_limit else records
         self.max_new_tokens = cfg.eval_max_new_tokens or default_max_new_tokens(cfg.prompt_style)
-        prompts = [data.build_prompt(r, cfg.prompt_style, tokenizer)
-                   for records in self.sets.values() for r in records]
-        lengths = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
-        self.longest = max(map(len, lengths), default=0) + self.max_new_tokens
+        self.longest = longest_prompt(tokenizer, self.sets, cfg.prompt_style) + self.max_new_tokens
 
     def due(self, step: int) -> bool:
         return bool(self.sets) and step % self.cfg.eval_every == 0
@@ -502,16 +505,21 @@ def main(argv=None) -> None:
     except ValueError as error:  # e.g. a folder whose weights are a pickle: one line, not a trace
         raise SystemExit(f"error: {error}") from None
     policy.eval()
-    # the weights as loaded, in their own dtype: the engine reads them, no copy
-    sampler = samplers.make_sampler(args.engine, policy, policy.dtype, False, args.batch_size, 1)
+    sets = {}
+    for name in args.data:
+        try:
+            sets[name] = sources.load_dataset(name, args.data_dir)[:args.limit]
+        except data.DataError as error:
+            sys.exit(f"eval.py: {error}")
+    # the weights as loaded, in their own dtype: the engine reads them, no copy; its cache and
+    # static step sized once for the longest prompt of every set
+    longest = longest_prompt(tokenizer, sets, args.prompt) + args.max_new_tokens
+    sampler = samplers.make_sampler(args.engine, policy, policy.dtype, False,
+                                    args.batch_size, longest)
     config = {key: value for key, value in vars(args).items() if key not in ("compare", "plot")}
     results = {"config": {**config, "bootstrap_resamples": BOOTSTRAP_RESAMPLES}, "sets": {}}
     with open(out_dir / "predictions.jsonl", "w") as predictions_file:
-        for name in args.data:
-            try:
-                records = sources.load_dataset(name, args.data_dir)[:args.limit]
-            except data.DataError as error:
-                sys.exit(f"eval.py: {error}")
+        for name, records in sets.items():
             set_start = time.time()
             decoding = Decoding(args.batch_size, args.max_new_tokens, args.num_samples,
                                 args.temperature, args.seed)

@@ -37,7 +37,7 @@ import flex
 import ppo
 import roles
 import samplers
-import update as step7
+import update
 import verifier
 from common import arg
 from model import count_parameters, response_logprobs, response_values
@@ -293,8 +293,8 @@ def ppo_step(cfg: Config, run, models: roles.Models, questions, step: int, kl_co
     # 7. PPO epochs over minibatches: the clipped surrogate for the actor, the clipped value loss
     #    for the critic. Gradients add up over micro-batches; one optimizer step per minibatch.
     with timer("update"):
-        stats = step7.UpdateStats()
-        for minibatch in step7.minibatches(cfg, step, exp, run.world):
+        stats = update.UpdateStats()
+        for minibatch in update.minibatches(cfg, step, exp, run.world):
             for micro in minibatch:
                 with distributed.autocast(cfg.dtype, run.device):  # entropy: logged, or trained on
                     logprobs, entropy = response_logprobs(models.policy, micro.batch,
@@ -318,7 +318,7 @@ def ppo_step(cfg: Config, run, models: roles.Models, questions, step: int, kl_co
                         values, micro.values, micro.returns, micro.reduce, cfg.value_clip_eps)
                     (critic_loss * run.world).backward()
                     stats.add_critic(micro.reduce.mask, critic_loss, value_stats)
-            step7.optimizer_step(cfg, models, stats)  # never on a non-finite gradient
+            update.optimizer_step(cfg, models, stats)  # never on a non-finite gradient
     return {**metrics, **stats.summary(models.critic is not None)}, samples.records
 
 

@@ -21,8 +21,8 @@ import json
 import sys
 from pathlib import Path
 
-import common
 import data
+import experience
 import model
 import train_ppo
 
@@ -34,8 +34,8 @@ TEST_COUNT = 100
 def fits_the_demo(records: list, cfg, tokenizer) -> list:
     """The first DEV_COUNT records whose prompt fits cfg.max_prompt_tokens, as the demo will build
     it from the file written here. The demo shuffles the options of the k-th record of the file it
-    reads with seed cfg.seed + k (common.training_prompts), so a record is tried with the seed of
-    the place it would take in the subset, not of its place in the full file."""
+    reads with seed cfg.seed + k (experience.training_prompts), so a record is tried with the seed
+    of the place it would take in the subset, not of its place in the full file."""
     kept = []
     for record in records:
         if cfg.shuffle_options:
@@ -68,7 +68,7 @@ def build_dev(full_data: Path) -> None:
     # The file as the trainer reads it: every prompt kept, none left out.
     logged = []
     demo = dataclasses.replace(cfg, train_data=str(path))
-    trained_on = common.training_prompts(demo, tokenizer, logged.append)[0]
+    trained_on = experience.training_prompts(demo, tokenizer, logged.append)[0]
     if logged or len(trained_on) != len(kept):
         raise SystemExit(f"build.py: the demo leaves prompts of {path} out: {logged}")
     print(f"  {len(kept)} of {len(records)} dev questions; the last is {kept[-1]['id']}")

@@ -26,7 +26,7 @@ from model_zoo import load_tiny
 LENGTHS = [3, 1, 5, 2, 4, 5, 2, 3]  # ragged responses: rows end at different tokens
 SCORES = [1.0, -1.0, 0.0, 1.0, -1.0, -1.0, -1.0, 0.0]  # two groups of 4 (the second not all alike)
 P, T, N = 3, 5, 8
-OPTIMIZER_STEP = train_ppo.step7.optimizer_step  # the real one, whatever a test replaced
+OPTIMIZER_STEP = train_ppo.update.optimizer_step  # the real one, whatever a test replaced
 
 
 def synthetic_rows(seed=0):
@@ -119,7 +119,7 @@ def run_step(cfg, rows, monkeypatch, rank=0, world=1, kl_coef=None, rank_rows=sl
                     grads[f"{name}.{key}"] = full.detach().clone()
         OPTIMIZER_STEP(cfg, models, update)
 
-    monkeypatch.setattr(train_ppo.step7, "optimizer_step", keep_gradients)
+    monkeypatch.setattr(train_ppo.update, "optimizer_step", keep_gradients)
     models = tiny_models(cfg)
     run = common.Run(cfg, rank, world, torch.device("cpu"), ROOT / "runs" / "unused", None)
     timer = common.PhaseTimer(run.device, train_ppo.PHASES)
