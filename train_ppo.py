@@ -143,12 +143,11 @@ PRESETS = {
     # SmolLM2-135M-Instruct on CPU. Its bare study prompt gets no tagged answer (nothing to learn);
     # one worked example in the chat template gets some, and copies of the placeholder text score
     # as broken. Critic-free advantages: on 2 CPU cores the critic doubles the update's cost. The
-    # teaching core samples (--engine plain): the run a reader starts with walks the Reading path.
-    # The README's demo section has the measurements behind each choice.
+    # README's demo section has the measurements behind each choice.
     "demo": dict(model="smollm2-135m", train_data="medqa_dev", prompt_style="r1_chat_1shot",
                  shuffle_options=True, max_prompt_tokens=360, rollout_batch_size=4,
                  n_samples_per_prompt=4, max_new_tokens=128, advantage="grpo", train_batch_size=16,
-                 micro_batch_size=4, generate_batch_size=16, engine="plain", actor_lr=2e-5,
+                 micro_batch_size=4, generate_batch_size=16, actor_lr=2e-5,
                  warmup_ratio=0.0, kl_coef=0.01, penalize_template_copy=True, max_steps=12,
                  save_every=4, loss_agg="token-mean", stop_at_answer=True, eval_every=4,
                  eval_data="medqa_test", eval_limit=16, eval_max_new_tokens=128, device="cpu",

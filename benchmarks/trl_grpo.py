@@ -70,19 +70,16 @@ def main():
     questions = load_questions(cfg, tok, print)
     records, texts = questions.records, questions.texts
     # the one prompt of each of ours' first steps (rank 0 of 1)
-    picked = [step_prompt_indices(cfg, len(records), s, 0, 1)[0][1]
+    picked = [step_prompt_indices(train_ppo.batching(cfg), len(records), s, 0, 1)[0][1]
               for s in range(1, args.steps + 1)]
     ds = Dataset.from_list([{"prompt": texts[i], "answer": records[i]["answer"],
                              "options": json.dumps(records[i]["options"])} for i in picked])
     prefill = data.PROMPT_PREFILL.get(cfg.prompt_style, "")
+    rules = train_ppo.scoring(cfg).rules  # the demo's: --penalize_template_copy among them
 
     def reward(prompts, completions, answer, options, **kw):
-        out = []
-        for text, gold, opts in zip(completions, answer, options):
-            v = verifier.verify(prefill + text, gold, json.loads(opts))
-            # --penalize_template_copy, as the demo preset
-            out.append(cfg.format_reward if v["template_copy"] else v["reward"])
-        return out
+        return [verifier.verify(prefill + text, gold, json.loads(opts), rules)["reward"]
+                for text, gold, opts in zip(completions, answer, options)]
 
     targs = GRPOConfig(output_dir=args.out, per_device_train_batch_size=8, num_generations=8,
                        max_completion_length=128, max_steps=args.steps,
