@@ -99,7 +99,7 @@ def measure_section(section: str, args, limits: dict) -> list[str]:
         return [row(section, f"failed: {reason(e)}")]
     rows = []
     for part in parts:
-        t0 = time.time()
+        t0 = time.perf_counter()
         try:
             new = part.measure()
         except Exception as e:  # one broken part must not cost the others' numbers
@@ -109,7 +109,8 @@ def measure_section(section: str, args, limits: dict) -> list[str]:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         rows += new
-        print("\n".join(new) + f"\n  ({section}, {part.what}: {time.time() - t0:.0f} s, load "
+        seconds = time.perf_counter() - t0
+        print("\n".join(new) + f"\n  ({section}, {part.what}: {seconds:.0f} s, load "
                                f"average {os.getloadavg()[0]:.2f})", flush=True)
     return rows
 
@@ -209,7 +210,7 @@ def main(argv=None):
         torch.backends.cuda.enable_cudnn_sdp(args.cudnn_attention == "true")
         os.environ["MEDRLVR_CUDNN_ATTENTION"] = args.cudnn_attention
     device = torch.device(args.device)
-    load_start, started = os.getloadavg(), time.time()
+    load_start, started = os.getloadavg(), time.perf_counter()
     now = datetime.datetime.now(datetime.timezone.utc)
     header = (f"{machine.describe(device)}; {now:%Y-%m-%d %H:%M} UTC; load average "
               f"{load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f} at start"
@@ -221,7 +222,7 @@ def main(argv=None):
     load_end = os.getloadavg()
     command = " ".join(argv if argv is not None else sys.argv[1:])
     footer = (f"load average {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f} at end; "
-              f"{time.time() - started:.0f} s in all; command: python bench.py {command}")
+              f"{time.perf_counter() - started:.0f} s in all; command: python bench.py {command}")
     table = "\n".join(rows)
     print("\n" + table + "\n\n" + footer)
     if args.out:

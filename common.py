@@ -251,7 +251,7 @@ class PhaseTimer:
     def now(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return time.time()
+        return time.perf_counter()
 
     def metrics(self) -> dict:
         return {f"time_{phase}": seconds for phase, seconds in self.seconds.items()}
@@ -279,7 +279,7 @@ class StepLoop:
         self.stop_signal = None  # the signal's name, once one arrived
         self.nonfinite_in_a_row = 0
         self.saved = 0  # the step of the last checkpoint written
-        self.step_started = time.time()
+        self.step_started = time.perf_counter()
         signal.signal(signal.SIGTERM, self.on_signal)
         signal.signal(signal.SIGINT, self.on_signal)
         self.bar = tqdm(range(start, total_steps + 1), initial=start - 1, total=total_steps,
@@ -287,7 +287,7 @@ class StepLoop:
 
     def __iter__(self):
         for step in self.bar:
-            self.step_started = time.time()
+            self.step_started = time.perf_counter()
             yield step
 
     def on_signal(self, signum, frame):
@@ -301,7 +301,7 @@ class StepLoop:
         """Log, count, checkpoint. `tokens`: what the step computed, for tokens/s; `trainer_state`:
         saved with the checkpoint; `logs`: more files to append lines to. True: stop the run now."""
         run, cfg = self.run, self.run.cfg
-        seconds = time.time() - self.step_started
+        seconds = time.perf_counter() - self.step_started
         metrics.update(time_step=seconds, tokens_per_s=tokens / seconds)
         skipped = metrics.get("skipped", "")
         if skipped:

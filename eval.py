@@ -372,7 +372,7 @@ class HeldOutEval:
         decoding = Decoding(cfg.generate_batch_size, self.max_new_tokens)
         accuracy = {}
         for name, records in self.sets.items():
-            started = time.time()
+            started = time.perf_counter()
             mine = list(range(run.rank, len(records), run.world))  # this rank's share
             preds = predict(sampler, self.tokenizer, [records[i] for i in mine], cfg.prompt_style,
                             decoding, desc=f"eval {name}")
@@ -382,7 +382,7 @@ class HeldOutEval:
             accuracy[name] = result["accuracy"]
             if run.rank == 0:
                 line = {"step": step, "data": name, **result,
-                        "seconds": round(time.time() - started, 1)}
+                        "seconds": round(time.perf_counter() - started, 1)}
                 with open(run.out / "eval.jsonl", "a") as f:
                     f.write(common.json_line(line))
                 run.tracker.log(line, step, prefix=f"eval/{name}/")
@@ -498,7 +498,7 @@ def main(argv=None) -> None:
         args.max_new_tokens = default_max_new_tokens(args.prompt)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    run_start = time.time()
+    run_start = time.perf_counter()
     args.model_path = resolve_model(args.model)
     try:
         policy, tokenizer = load_model(args.model_path, args.dtype, args.device)
@@ -520,16 +520,16 @@ def main(argv=None) -> None:
     results = {"config": {**config, "bootstrap_resamples": BOOTSTRAP_RESAMPLES}, "sets": {}}
     with open(out_dir / "predictions.jsonl", "w") as predictions_file:
         for name, records in sets.items():
-            set_start = time.time()
+            set_start = time.perf_counter()
             decoding = Decoding(args.batch_size, args.max_new_tokens, args.num_samples,
                                 args.temperature, args.seed)
             preds = predict(sampler, tokenizer, records, args.prompt, decoding, desc=name)
             for pred in preds:
                 predictions_file.write(json.dumps({"data": name, **pred}) + "\n")
             results["sets"][name] = {**summarize(preds, args.seed, args.num_samples),
-                                     "seconds": round(time.time() - set_start, 1),
+                                     "seconds": round(time.perf_counter() - set_start, 1),
                                      **breakdowns(preds, args.seed, args.num_samples)}
-    results["config"]["seconds"] = round(time.time() - run_start, 1)
+    results["config"]["seconds"] = round(time.perf_counter() - run_start, 1)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     print(results_table(results))
     print(f"wrote {out_dir / 'results.json'} and {out_dir / 'predictions.jsonl'} "

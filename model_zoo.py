@@ -193,7 +193,7 @@ def smollm2_folder(gguf=None) -> Path:
     target = cache_dir() / SMOLLM2_NAME
     if (target / "config.json").exists():
         return target
-    t0 = time.time()
+    t0 = time.perf_counter()
     gguf_model, tokenizer = gguf or load_smollm2_gguf()
     tokenizer = copy.deepcopy(tokenizer)  # set_pad_token below edits it
     # The GGUF-loaded model carries a quantization_config that forbids training and saving: rebuild
@@ -213,6 +213,6 @@ def smollm2_folder(gguf=None) -> Path:
     # and the first rename wins; the other's rename fails because the target exists, and it drops
     # its copy.
     write_folder_atomically(target, write, replace=False)
-    seconds = time.time() - t0
+    seconds = time.perf_counter() - t0
     print(f"[model_zoo] converted {SMOLLM2_NAME} from GGUF into {target} in {seconds:.0f} s")
     return target

@@ -5,8 +5,10 @@ A section is a list of `Part`s: a row, or a small group of rows measured togethe
 group are against a baseline in the same group). bench.py measures each part by its own call, so a
 part that fails becomes one "failed: reason" row and every other row stays.
 """
+import ctypes
 import json
 import os
+import platform
 import subprocess
 import time
 from collections.abc import Callable
@@ -101,6 +103,22 @@ def resident_bytes(field: str = "VmHWM") -> int:
     raise RuntimeError(f"/proc/self/status has no {field} line (Linux only)")
 
 
+# glibc serves a large allocation from a mapping of its own only above a threshold that rises as
+# large blocks are freed; below it, freed blocks stay on glibc's heap, so a resident peak also
+# counts memory freed long before. A fixed threshold gives every block of 128 KiB or more back
+# when it is freed: the peak is then the live memory's. It costs time (the pages are faulted in
+# afresh), so what is timed runs without it. For a child process, as its environment:
+FREED_BLOCKS_RETURNED = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
+
+def return_freed_blocks() -> bool:
+    """The same in this process, from now on (glibc's mallopt; False elsewhere: nothing done)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    m_mmap_threshold = -3  # malloc.h
+    return bool(ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, 128 * 1024))
+
+
 def reset_peak(device) -> None:
     """Start a new peak: PyTorch's allocator peak on CUDA, the kernel's high-water mark of the
     process's resident memory on the CPU ("5" to clear_refs resets it; Linux >= 4.0)."""
@@ -135,10 +153,11 @@ def device_memory(device) -> int | None:
 # ==================================================================================================
 # Child processes
 # ==================================================================================================
-def run_child(cmd: list, tag: str, timeout: float) -> dict:
-    """Run `cmd` from the repository root and return the JSON its stdout prints after `tag`; on a
-    failure, the error holds the command and the ends of its output."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+def run_child(cmd: list, tag: str, timeout: float, env: dict | None = None) -> dict:
+    """Run `cmd` from the repository root (with `env` added to the environment) and return the
+    JSON its stdout prints after `tag`; on a failure, the error holds the command and the ends of
+    its output."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     shared = ROOT.parent / "shared" / "data"
     if "MEDRLVR_DATA" not in env and shared.is_dir():
         env["MEDRLVR_DATA"] = str(shared)
