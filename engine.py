@@ -6,9 +6,11 @@ An `Engine` is built once a run and owns everything its decode steps read:
     LoRA, W + (alpha / r) B A): the "weight sync" of veRL's and OpenRLHF's hybrid engines, by hand.
     Their addresses never change, so CUDA graphs stay valid. An fp32 run in one process without
     adapters shares the policy's own weights instead (share_weights=True);
-  - the KV cache, in the compute dtype, preallocated for the run's rows and longest sequence;
-  - with the static decode, the step's buffers and its CUDA graphs (static_decode.py), captured once
-    per (batch size, span) for the whole run.
+  - with the static decode, the KV cache (in the compute dtype, preallocated for the run's rows and
+    longest sequence), the step's buffers and its CUDA graphs (static_decode.py), captured once per
+    (batch size, span) for the whole run. The dynamic decode has no graph to read its cache at a
+    fixed address: it allocates one per call, of the call's size, freed when the call returns, so
+    the training phases after it get that memory back (on the CPU they also ran faster so).
 `Engine.generate` takes rollout.generate's arguments and returns its `Rollout`: the same tokens and
 log-probs up to float rounding (tests/test_engine.py), from the same per-row noise.
 
@@ -98,8 +100,9 @@ def generate(model, input_ids, attention_mask, max_new_tokens, settings: Setting
 
 class Engine:
     """The sampler of a run (see the module docstring). max_rows, max_len: the largest call the
-    run makes (rows; prompt + response tokens). A larger call grows the cache, and the static step
-    is built again (its graphs read the old cache)."""
+    run makes (rows; prompt + response tokens), which the static decode's cache is sized for. A
+    larger call grows that cache, and the static step is built again (its graphs read the old
+    cache)."""
 
     def __init__(self, model, settings: Settings = DYNAMIC, dtype=None, max_rows=1, max_len=1,
                  share_weights=True):
@@ -110,7 +113,7 @@ class Engine:
         self.shares_weights = share_weights
         self.model = model if share_weights else inference_copy(model, self.dtype)
         self.rows, self.max_len = max_rows, max_len
-        self.cache = None  # rollout.KVCache [rows, KV, max_len, d] per layer, in self.dtype
+        self.cache = None  # the static decode's KVCache [rows, KV, max_len, d] a layer, self.dtype
         self.static = None  # static_decode.StaticStep, kept for the run
         self.static_steps_built = 0
         self.token_kinds = {}  # (tokenizer, stops, vocabulary) -> [V] int8 of PLAIN / EOS / ...
@@ -158,18 +161,16 @@ class Engine:
                    n_real)
         return out.rollout(input_ids, attention_mask)
 
-    def kv_cache(self, rows: int, length: int) -> rollout.KVCache:
-        """The run's KV cache (grown first if this call needs more), as views of rows x length."""
+    def grow_static_cache(self, rows: int, length: int) -> None:
+        """The static decode's KV cache for the run, grown first if this call needs more."""
         if self.cache is None or rows > self.rows or length > self.max_len:
             self.rows, self.max_len = max(rows, self.rows), max(length, self.max_len)
             self.cache = rollout.KVCache.allocate(self.model, self.rows, self.max_len, self.dtype)
             self.static = None  # its graphs read the old cache
-        return rollout.KVCache([k[:rows, :, :length] for k in self.cache.keys],
-                               [v[:rows, :, :length] for v in self.cache.values])
 
     def dynamic_prefill(self, input_ids, attention_mask, n_real, max_new_tokens):
         B, P = input_ids.shape
-        cache = self.kv_cache(B, P + max_new_tokens)
+        cache = rollout.KVCache.allocate(self.model, B, P + max_new_tokens, self.dtype)
         logits = run_prefill(self.model, input_ids, attention_mask, n_real, cache,
                              self.settings.prefill)
         return DynamicStep(self.model, cache, n_real, P, self.settings.cpu_layout), logits
@@ -178,7 +179,7 @@ class Engine:
         """The prompts into the run's cache, and the run's static step readied for this call (its
         mask buffer: the slots each row may attend to)."""
         B, P = input_ids.shape
-        self.kv_cache(static_decode.batch_size_for(max(B, self.rows)), P + max_new_tokens)
+        self.grow_static_cache(static_decode.batch_size_for(max(B, self.rows)), P + max_new_tokens)
         if self.static is None:
             self.static = static_decode.StaticStep(fixed_step(self.model, self.cache), self.rows,
                                                    self.max_len, self.device,

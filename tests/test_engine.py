@@ -203,11 +203,21 @@ def test_how_often_the_host_looks_does_not_change_results(path, monkeypatch):
             assert rows == live, (check_every, t, rows, live)
 
 
-def test_the_engine_of_a_bf16_run_holds_bf16_weights_and_cache_and_matches_a_training_forward():
+def test_the_engine_of_a_bf16_run_holds_bf16_weights_and_cache_and_matches_a_training_forward(
+        monkeypatch):
     """Under autocast (a bf16 run in one process) the sampler's weights and KV cache are bf16, in
     the dynamic and the static decode alike, for llama and qwen2 (which has q/k/v biases): this
     crashed before (an fp32 cache written with bf16 keys); its log-probs agree with a bf16 training
     forward of the same tokens to bf16 precision (the sampler gap the trainer logs)."""
+    allocated = []  # the dtype of every KV cache the engine allocates
+    allocate = rollout.KVCache.allocate
+
+    def recording(*args, **kwargs):
+        cache = allocate(*args, **kwargs)
+        allocated.append(cache.keys[0].dtype)
+        return cache
+
+    monkeypatch.setattr(rollout.KVCache, "allocate", staticmethod(recording))
     for arch in ("llama", "qwen2"):
         model, tok = tiny(arch, scale=3.0)
         ids, am = encode(tok)
@@ -217,7 +227,8 @@ def test_the_engine_of_a_bf16_run_holds_bf16_weights_and_cache_and_matches_a_tra
                 sampler = engine.Engine(model, path, dtype=torch.bfloat16, share_weights=False)
                 sampler.load_weights(model.named_parameters())
                 out = sampler.generate(ids, am, 24, eos_token_id=tok.eos_token_id, uniforms=noise)
-                assert sampler.cache.keys[0].dtype == torch.bfloat16
+                assert allocated and set(allocated) == {torch.bfloat16}, (arch, path, allocated)
+                allocated.clear()
                 assert next(sampler.model.parameters()).dtype == torch.bfloat16
                 mask = torch.cat([am, out.response_mask], 1)
                 train = token_logprobs(model, out.sequences, mask, out.response_mask.shape[1])
