@@ -10,7 +10,7 @@ An `Engine` is built once a run and owns everything its decode steps read:
     longest sequence), the step's buffers and its CUDA graphs (static_decode.py), captured once per
     (batch size, span) for the whole run. The dynamic decode has no graph to read its cache at a
     fixed address: it allocates one per call, of the call's size, freed when the call returns, so
-    the training phases after it get that memory back (on the CPU they also ran faster so).
+    the training phases after it get that memory back.
 `Engine.generate` takes rollout.generate's arguments and returns its `Rollout`: the same tokens and
 log-probs up to float rounding (tests/test_engine.py), from the same per-row noise.
 
